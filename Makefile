@@ -1,0 +1,37 @@
+# Quick start (fresh machine, Python 3.10+):  make demo   |   make test
+# Both create .venv on first use. TORCH_SPEC pins the CPU wheel of this project's machines; on a GPU machine use
+# e.g. `make TORCH_SPEC=torch demo` (or install your CUDA build of torch into .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loralib-installed
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# betty-ml 0.2.1 declares Python < 3.11; a plain install on 3.11 silently picks 0.1.1 (another API).
+	$(PY) -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	bash examples/demo/run_demo.sh
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_bilevel.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
