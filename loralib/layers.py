@@ -156,7 +156,7 @@ class AdapterLayer(nn.Module):
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = torch.promote_types(weight.dtype, torch.float32)
         weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
-        w0_sq = (weight * weight).sum(dim=1)
+        w0_sq = torch.linalg.vector_norm(weight, dim=1).square()  # no (out, in) temporary
         cross = ((weight @ a.T) * b).sum(dim=1)
         quad = ((b @ (a @ a.T)) * b).sum(dim=1)
         n_sq = w0_sq + (2.0 * s) * cross + (s * s) * quad
@@ -188,13 +188,14 @@ class AdapterLayer(nn.Module):
         if self.merged:
             out = self._base_matmul(x)
             return out if bias is None else out + bias
-        out = self._base_matmul(x)
-        lora = F.linear(self._adapter_input(x), self.lora_B) * self.scaling
+        base = self._base_matmul(x)
+        # s is applied to the rank-r activations (cheap), and the add is fused into the B matmul (addmm).
+        low_rank = self._adapter_input(x) * self.scaling
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), low_rank.reshape(-1, self.r), self.lora_B.T)
+        out = out.view(base.shape)
         if self.decomposed:
-            scale = self.magnitude / self._norm_for_forward().to(self.magnitude.dtype)
-            out = (out + lora) * scale.to(out.dtype)
-        else:
-            out = out + lora
+            scale = (self.magnitude / self._norm_for_forward().to(self.magnitude.dtype)).to(out.dtype)
+            return out * scale if bias is None else torch.addcmul(bias, out, scale)
         return out if bias is None else out + bias
 
     # ---- merge --------------------------------------------------------------------------------------------------
