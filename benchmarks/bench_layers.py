@@ -67,8 +67,8 @@ def train_step_fn(method: str, dropout: float, args, device):
 def layer_fn(kind: str, args, device):
     torch.manual_seed(0)
     base = nn.Linear(args.width, args.width, bias=False).to(device)
-    # inner layers of a network also propagate the gradient to their input
-    x = torch.randn(args.tokens, args.width, device=device, requires_grad=not args.no_input_grad)
+    # the first adapted layer of a network needs no input gradient, every later one does: both are measured
+    x = torch.randn(args.tokens, args.width, device=device, requires_grad=args.input_grad)
     if kind.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
@@ -101,7 +101,6 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--skip-layer", action="store_true")
-    parser.add_argument("--no-input-grad", action="store_true", help="layer benchmark: input needs no gradient")
     args = parser.parse_args(argv)
     args.hidden, args.layers, args.batch, args.seq = (768, 12, 8, 128) if not args.quick else (256, 4, 4, 64)
     args.width, args.tokens = (4096, 256) if not args.quick else (1024, 128)
@@ -134,17 +133,22 @@ def main(argv=None) -> None:
             kinds += ["peft-lora", "peft-dora"]
         except ImportError:
             print("peft not installed: skipping the PEFT comparison")
-        print(f"\n== one linear layer {args.width}x{args.width}, {args.tokens} tokens, r=16, forward+backward ==")
-        fns = {k: layer_fn(k, args, device) for k in kinds}
-        med = interleaved_medians(fns, repeats=repeats, warmup=2, device=device)
-        mem = {k: peak_memory_bytes(fn, device) for k, fn in fns.items()}
-        for k in kinds:
+        for input_grad in (False, True):
+            args.input_grad = input_grad
             print(
-                f"{k:10s} {med[k] * 1e3:8.2f} ms  ({med[k] / med['lora']:.2f}x our LoRA)  "
-                f"peak {mem[k] / 2**20:7.1f} MiB"
+                f"\n== one linear layer {args.width}x{args.width}, {args.tokens} tokens, r=16, forward+backward, "
+                f"input {'needs' if input_grad else 'needs no'} gradient =="
             )
-        if "peft-dora" in med:
-            print(f"PEFT DoRA / our DoRA: {med['peft-dora'] / med['dora']:.2f}x (target >= 3)")
+            fns = {k: layer_fn(k, args, device) for k in kinds}
+            med = interleaved_medians(fns, repeats=repeats, warmup=2, device=device)
+            mem = {k: peak_memory_bytes(fn, device) for k, fn in fns.items()}
+            for k in kinds:
+                print(
+                    f"{k:10s} {med[k] * 1e3:8.2f} ms  ({med[k] / med['lora']:.2f}x our LoRA)  "
+                    f"peak {mem[k] / 2**20:7.1f} MiB"
+                )
+            if "peft-dora" in med:
+                print(f"PEFT DoRA / our DoRA: {med['peft-dora'] / med['dora']:.2f}x (target >= 3)")
 
 
 if __name__ == "__main__":

@@ -156,12 +156,23 @@ class AdapterLayer(nn.Module):
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = torch.promote_types(weight.dtype, torch.float32)
         weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
-        w0_sq = torch.linalg.vector_norm(weight, dim=1).square()  # no (out, in) temporary
+        w0_sq = self._base_row_norm_sq(weight)
         cross = ((weight @ a.T) * b).sum(dim=1)
         quad = ((b @ (a @ a.T)) * b).sum(dim=1)
         n_sq = w0_sq + (2.0 * s) * cross + (s * s) * quad
         floor = torch.finfo(acc).eps * w0_sq + torch.finfo(acc).tiny
         return n_sq.clamp_min(floor).sqrt()
+
+    def _base_row_norm_sq(self, weight: Tensor) -> Tensor:
+        """``‖W0‖²`` per row. W0 is frozen in fine-tuning: cache it (a full pass over W0 per step otherwise)."""
+        if weight.requires_grad or torch.compiler.is_compiling():
+            return torch.linalg.vector_norm(weight, dim=1).square()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cache = self.__dict__.get("_w0_sq_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, torch.linalg.vector_norm(weight, dim=1).square())
+            self.__dict__["_w0_sq_cache"] = cache
+        return cache[1]
 
     def direction(self) -> Tensor:
         """The normalised direction ``(W0 + s·BA) / n`` as a dense ``(out, in)`` matrix (rows of unit norm)."""
