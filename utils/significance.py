@@ -1,0 +1,140 @@
+"""Wilcoxon signed-rank test of one method against another (BiDoRA vs DoRA by default) over paired runs.
+
+Pairs are (model, rank, task, seed): the same seed of the same task, model and rank trained with both methods. When
+no seed pairs at all (e.g. different seed sets), the per-(model, rank, task) means over seeds are paired instead.
+Only GLUE tasks by default (the paper's claim: BiDoRA beats DoRA on GLUE, p = 2.4e-4). Differences are a − b in
+display units (percent points), oriented so that positive means `a` is better.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+# Below this many non-zero differences the exact test cannot reach p < 0.05 two-sided (2 / 2^5 = 0.0625).
+MIN_PAIRS_FOR_5_PERCENT = 6
+
+
+@dataclass
+class WilcoxonReport:
+    a: str
+    b: str
+    pair_by: str  # "seed" or "task-mean"
+    pairs: list[dict] = field(default_factory=list)  # model, rank, task, seed (None for task means), a, b, diff
+    unpaired: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    n: int = 0
+    n_nonzero: int = 0
+    statistic: float | None = None
+    p_two_sided: float | None = None
+    p_greater: float | None = None  # one-sided: a better than b
+    messages: list[str] = field(default_factory=list)
+
+
+def make_pairs(scores, a: str, b: str, pair_by: str, tasks, lower_is_better=()) -> tuple[str, list[dict], list[str]]:
+    """Pair the scores of methods `a` and `b`.
+
+    Args:
+        scores: objects with .model, .method, .rank, .task, .seed, .value (one per run and task).
+        pair_by: "seed", "task-mean" or "auto" (seed if any seed pair exists, task means otherwise).
+        tasks: task keys to use.
+        lower_is_better: task keys whose difference is negated so that positive always means `a` is better.
+    Returns:
+        (mode used, pairs, descriptions of the runs left without a partner).
+    """
+    if pair_by not in {"seed", "task-mean", "auto"}:
+        raise ValueError(f"pair_by must be 'seed', 'task-mean' or 'auto', got {pair_by!r}")
+    tasks = set(tasks)
+    by_seed: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for s in scores:
+        if s.method in (a, b) and s.task in tasks:
+            by_seed[(s.model, s.rank, s.task, s.seed)][s.method] = s.value
+    seed_pairs = [k for k, v in by_seed.items() if len(v) == 2]
+    mode = pair_by if pair_by != "auto" else ("seed" if seed_pairs else "task-mean")
+
+    if mode == "seed":
+        grouped = {k: v for k, v in by_seed.items()}
+    else:
+        collected: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for (model, rank, task, _seed), v in by_seed.items():
+            for method, value in v.items():
+                collected[(model, rank, task, None)][method].append(value)
+        grouped = {k: {m: float(np.mean(vals)) for m, vals in v.items()} for k, v in collected.items()}
+
+    pairs, unpaired = [], []
+    for key in sorted(grouped, key=lambda k: tuple(str(x) for x in k)):
+        model, rank, task, seed = key
+        values = grouped[key]
+        if len(values) < 2:
+            only = next(iter(values))
+            where = f"{model} r={rank} {task}" + (f" seed {seed}" if seed is not None else "")
+            unpaired.append(f"{where}: only {only}")
+            continue
+        sign = -1.0 if task in lower_is_better else 1.0
+        pairs.append({"model": model, "rank": rank, "task": task, "seed": seed, a: values[a], b: values[b],
+                      "diff": sign * (values[a] - values[b])})
+    return mode, pairs, unpaired
+
+
+def wilcoxon_test(scores, a: str = "bidora", b: str = "dora", pair_by: str = "auto", tasks=None,
+                  lower_is_better=()) -> WilcoxonReport:
+    """Wilcoxon signed-rank test (scipy, zero differences dropped) of `a` against `b` on paired runs."""
+    if tasks is None:
+        raise ValueError("tasks must be given (the task keys to pair on)")
+    mode, pairs, unpaired = make_pairs(scores, a, b, pair_by, tasks, lower_is_better)
+    report = WilcoxonReport(a=a, b=b, pair_by=mode, pairs=pairs, unpaired=unpaired, tasks=sorted(set(tasks)))
+    diffs = np.array([p["diff"] for p in pairs], dtype=np.float64)
+    report.n = len(pairs)
+    report.n_nonzero = int(np.count_nonzero(diffs))
+    if report.n == 0:
+        report.messages.append(f"no pairs: no {mode} unit was run with both {a} and {b}; no test")
+        return report
+    if report.n_nonzero == 0:
+        report.messages.append("every paired difference is zero; the test is undefined")
+        return report
+    if report.n_nonzero < MIN_PAIRS_FOR_5_PERCENT:
+        floor = 2.0 / 2**report.n_nonzero
+        report.messages.append(
+            f"only {report.n_nonzero} non-zero differences: the smallest two-sided p the exact test can give is "
+            f"2/2^{report.n_nonzero} = {floor:.4g}, so it cannot show a difference at the 5% level"
+        )
+    if report.n_nonzero < report.n:
+        report.messages.append(f"{report.n - report.n_nonzero} zero difference(s) dropped (zero_method='wilcox')")
+    two = wilcoxon(diffs, zero_method="wilcox", alternative="two-sided")
+    greater = wilcoxon(diffs, zero_method="wilcox", alternative="greater")
+    report.statistic = float(two.statistic)
+    report.p_two_sided = float(two.pvalue)
+    report.p_greater = float(greater.pvalue)
+    return report
+
+
+def format_wilcoxon_markdown(report: WilcoxonReport, labels: dict[str, str] | None = None,
+                             paper_p: float | None = None, decimals: int = 2) -> str:
+    """Markdown section: what the pairs are, n, the statistic and p-values, and every pair."""
+    labels = labels or {}
+    la, lb = labels.get(report.a, report.a), labels.get(report.b, report.b)
+    unit = "(model, r, task, seed)" if report.pair_by == "seed" else "(model, r, task), means over each method's seeds"
+    lines = [f"## Wilcoxon signed-rank test: {la} vs {lb}", ""]
+    lines.append(f"Pairs: one per {unit}; tasks: {', '.join(report.tasks)}. Difference = {la} − {lb} "
+                 "(positive: " + la + " better). n = " + f"{report.n} pairs ({report.n_nonzero} non-zero).")
+    if report.p_two_sided is not None:
+        lines.append(f"Statistic min(W+, W−) = {report.statistic:g}; p two-sided = {report.p_two_sided:.4g}; "
+                     f"p one-sided ({la} > {lb}) = {report.p_greater:.4g}.")
+    else:
+        lines.append("No test was run.")
+    if paper_p is not None:
+        lines.append(f"Paper: p = {paper_p:g} (its pairing is not stated).")
+    lines += [f"- {m}" for m in report.messages]
+    if report.pairs:
+        lines += ["", f"| model | r | task | seed | {la} | {lb} | diff |", "|---|---|---|---|---|---|---|"]
+        for p in report.pairs:
+            seed = "mean" if p["seed"] is None else p["seed"]
+            rank = "—" if p["rank"] is None else p["rank"]
+            lines.append(f"| {p['model']} | {rank} | {p['task']} | {seed} | {p[report.a]:.{decimals}f} | "
+                         f"{p[report.b]:.{decimals}f} | {p['diff']:+.{decimals}f} |")
+    if report.unpaired:
+        lines += ["", "Without a partner (not in the test):"] + [f"- {u}" for u in report.unpaired]
+    return "\n".join(lines) + "\n"
