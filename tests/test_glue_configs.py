@@ -54,7 +54,9 @@ REQUIRED_FIELDS = {
     "eval_every", "checkpoint_every", "seed",
 }
 EXTRA_FIELDS = {"output_dir", "overwrite", "train_file", "validation_file", "validation_mismatched_file",
-                "test_file", "select_on_dev", "device", "bf16", "num_workers", "snapshots"}
+                "test_file", "select_on_dev", "device", "bf16", "num_workers", "snapshots", "pooling",
+                "space_residues", "neumann_iterations", "cg_iterations", "retrain_reinit", "no_token_cache",
+                "no_progress"}
 
 
 def _check_original(cfg, model, task, r):
@@ -176,7 +178,7 @@ def test_load_config_errors(tmp_path):
         gc.load_config(_write(tmp_path, "task_name: rte\ntarget_modules: [query, 3]\n"))
     with pytest.raises(ValueError, match="expected a mapping"):
         gc.load_config(_write(tmp_path, "- a\n- b\n"))
-    with pytest.raises(ValueError, match="unknown GLUE task 'rtx'; valid tasks: cola"):
+    with pytest.raises(ValueError, match="unknown task 'rtx'; valid tasks: cola"):
         gc.load_config(_write(tmp_path, "task_name: rtx\n"))
     with pytest.raises(ValueError, match="method must be one of"):
         gc.load_config(_write(tmp_path, "task_name: rte\nmethod: adapter\n"))

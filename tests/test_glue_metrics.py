@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "NLU"))
 import glue_metrics as gm  # noqa: E402
-from glue_tasks import TASK_NAMES, TASKS, get_task  # noqa: E402
+from glue_tasks import GLUE_TASK_NAMES as TASK_NAMES  # noqa: E402
+from glue_tasks import TASKS, get_task  # noqa: E402
 
 PRED = [1, 1, 0, 1, 0, 0, 1, 1, 0, 1]
 GOLD = [1, 0, 0, 1, 1, 0, 1, 0, 0, 1]
@@ -144,3 +145,19 @@ def test_task_registry():
     assert TASKS["qqp"].text_columns == ("question1", "question2")
     assert TASKS["qnli"].text_columns == ("question", "sentence")
     assert TASKS["cola"].text_columns == ("sentence",) and not TASKS["cola"].is_pair
+
+
+def test_weighted_metrics_and_mse_by_hand():
+    labels = [0, 0, 0, 1, 1, 1, 1]
+    preds = [0, 1, 1, 1, 1, 1, 0]
+    # class 0: P = 1/2, R = 1/3, F1 = 0.4 (support 3); class 1: P = 3/5, R = 3/4, F1 = 2/3 (support 4)
+    out = gm.compute_metrics("protein_classification", preds, labels)
+    assert out["accuracy"] == pytest.approx(4 / 7)
+    assert out["precision_weighted"] == pytest.approx((3 * 0.5 + 4 * 0.6) / 7)
+    assert out["recall_weighted"] == pytest.approx((3 * (1 / 3) + 4 * 0.75) / 7)
+    assert out["f1_weighted"] == pytest.approx((3 * 0.4 + 4 * (2 / 3)) / 7)
+    reg = gm.compute_metrics("protein_regression", [1.0, 2.0, 4.0], [1.5, 2.0, 3.0])
+    assert reg["mse"] == pytest.approx((0.25 + 0 + 1.0) / 3)
+    assert reg["neg_mse"] == -reg["mse"]
+    assert get_task("protein_regression").select_metric == "neg_mse"
+    assert get_task("rotten_tomatoes").select_metric == "accuracy"

@@ -95,6 +95,19 @@ class GlueRunConfig:
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps.")
     bf16: bool = _f(False, "bfloat16 autocast (trainable parameters stay fp32; DARTS differences get noisier).")
     num_workers: int = _f(0, "DataLoader worker processes.")
+    # model head and inputs beyond GLUE
+    pooling: str = _f("cls", "Task head: cls (the model's own sequence-classification head) or mean (masked mean of "
+                      "the last hidden states, for encoders trained with mean pooling such as sentence embedders).")
+    space_residues: bool = _f(False, "Insert a space between characters of every text (protein models with "
+                              "one token per residue, e.g. AntiBERTy).")
+    # more optimisation and runtime options
+    neumann_iterations: int = _f(3, "Neumann-series terms (hypergradient neumann).")
+    cg_iterations: int = _f(3, "Conjugate-gradient iterations (hypergradient cg).")
+    retrain_reinit: bool = _f(True, "Retraining phase: start from a fresh adapter and head (as the original) "
+                              "instead of continuing from the bi-level ones.")
+    no_token_cache: bool = _f(False, "Do not cache tokenised data (default cache: $LORALIB_CACHE_DIR or "
+                              "~/.cache/loralib).")
+    no_progress: bool = _f(False, "No progress bar.")
 
     # -- derived values ----------------------------------------------------------------------------------------
     @property
@@ -127,9 +140,11 @@ class GlueRunConfig:
         get_task(self.task_name)
         _choice("method", self.method, METHODS)
         _choice("hypergradient", self.hypergradient, HYPERGRADIENTS)
+        _choice("pooling", self.pooling, ("cls", "mean"))
         if not _DEVICE_RE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         positive = ["r", "lora_alpha", "max_length", "batch_size", "eval_batch_size", "lr", "iterations",
+                    "neumann_iterations", "cg_iterations",
                     "unroll_steps", "darts_alpha", "eps", "eval_every"]
         for name in positive:
             if not getattr(self, name) > 0:

@@ -327,6 +327,8 @@ def load_hub_splits(task: str | GlueTask, cache_dir: str | None = None) -> dict[
     import datasets  # imported here: only this path needs it
 
     task = get_task(task)
+    if task.local_only:
+        raise ValueError(f"task {task.name!r} has no hub dataset: give local files (--train_file, --test_file, ...)")
     dsd = datasets.load_dataset(HUB_DATASET, task.name, cache_dir=cache_dir)
     splits = {}
     for split, ds in dsd.items():

@@ -1,6 +1,7 @@
 """GLUE metrics with scikit-learn and scipy (no ``evaluate``, no hub).
 
-All values are fractions (accuracy 0.871, not 87.1); reports multiply by 100. Every metric is "higher is better".
+All values are fractions (accuracy 0.871, not 87.1); reports multiply by 100. Every metric is "higher is better"
+except ``mse`` (reported as in the paper's Table 4), whose negation ``neg_mse`` is what model selection maximises.
 Pearson and Spearman are undefined (NaN) when either side is constant; that NaN is returned, never replaced by a
 number, so a caller selecting a model must treat NaN as the worst value.
 """
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from glue_tasks import GlueTask, get_task
 from scipy import stats
-from sklearn.metrics import f1_score, matthews_corrcoef
+from sklearn.metrics import f1_score, matthews_corrcoef, precision_recall_fscore_support
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -61,6 +62,19 @@ def spearman(predictions: Sequence[float] | np.ndarray, labels: Sequence[float] 
         return float(stats.spearmanr(p.astype(np.float64), y.astype(np.float64))[0])
 
 
+def weighted_precision_recall_f1(predictions, labels) -> tuple[float, float, float]:
+    """Precision, recall and F1 averaged over classes weighted by support (the paper's Table 4)."""
+    p, y = _check_pair(predictions, labels)
+    precision, recall, f1_value, _ = precision_recall_fscore_support(y, p, average="weighted", zero_division=0)
+    return float(precision), float(recall), float(f1_value)
+
+
+def mse(predictions: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray) -> float:
+    """Mean squared error (lower is better)."""
+    p, y = _check_pair(predictions, labels)
+    return float(np.mean((p.astype(np.float64) - y.astype(np.float64)) ** 2))
+
+
 def _check_pair(predictions: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     p, y = _to_numpy(predictions), _to_numpy(labels)
     if p.ndim != 1 or y.ndim != 1:
@@ -78,6 +92,11 @@ _METRIC_FNS = {
     "matthews_correlation": matthews_correlation,
     "pearson": pearson,
     "spearman": spearman,
+    "precision_weighted": lambda p, y: weighted_precision_recall_f1(p, y)[0],
+    "recall_weighted": lambda p, y: weighted_precision_recall_f1(p, y)[1],
+    "f1_weighted": lambda p, y: weighted_precision_recall_f1(p, y)[2],
+    "mse": mse,
+    "neg_mse": lambda p, y: -mse(p, y),
 }
 
 

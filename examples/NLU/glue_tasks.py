@@ -1,7 +1,9 @@
-"""The eight GLUE tasks of the BiDoRA paper: columns, labels, splits and metrics.
+"""The tasks the runner knows: the eight GLUE tasks of the BiDoRA paper, and local-file tasks (the offline demo,
+proteins) that go through the same pipeline. Columns, labels, splits and metrics.
 
 Column names and label ids follow the ``nyu-mll/glue`` dataset on the Hugging Face hub, so local files in the
-same layout and the hub data go through one code path. Every metric here is "higher is better".
+same layout and the hub data go through one code path. Models are selected on ``select_metric``, which is always
+"higher is better" (``neg_mse`` for the MSE tasks).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class GlueTask:
         metric_names: keys of the dict :func:`glue_metrics.compute_metrics` returns for this task.
         paper_metric: the metric the BiDoRA paper reports for this task (Table 1 / Table 2).
         label_range: closed interval of valid regression targets (STS-B: 0..5); ``None`` for classification.
+        local_only: no hub dataset exists; the task reads local files (``--train_file`` ...) only.
+        selection_metric: metric used for model selection when it is not ``paper_metric`` (e.g. ``neg_mse``).
     """
 
     name: str
@@ -32,6 +36,13 @@ class GlueTask:
     metric_names: tuple[str, ...]
     paper_metric: str
     label_range: tuple[float, float] | None = None
+    local_only: bool = False
+    selection_metric: str | None = None
+
+    @property
+    def select_metric(self) -> str:
+        """The "higher is better" metric that model selection maximises."""
+        return self.selection_metric or self.paper_metric
 
     @property
     def is_regression(self) -> bool:
@@ -79,6 +90,27 @@ TASKS: dict[str, GlueTask] = {
     )
 }
 
+GLUE_TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+
+_WEIGHTED = ("accuracy", "precision_weighted", "recall_weighted", "f1_weighted")
+
+# Tasks on local files only, through the same pipeline: the offline demo (examples/demo) and proteins (examples/bio).
+TASKS.update(
+    {
+        t.name: t
+        for t in (
+            GlueTask("rotten_tomatoes", ("sentence",), ("rotten", "fresh"), ("validation",), ("test",), _ACC,
+                     "accuracy", local_only=True),
+            GlueTask("vader_movies", ("sentence",), (), ("validation",), ("test",), ("pearson", "spearman", "mse"),
+                     "pearson", label_range=(-4.0, 4.0), local_only=True),
+            GlueTask("protein_classification", ("sequence",), ("negative", "positive"), ("validation",), ("test",),
+                     _WEIGHTED, "accuracy", local_only=True),
+            GlueTask("protein_regression", ("sequence",), (), ("validation",), ("test",),
+                     ("mse", "neg_mse", "pearson", "spearman"), "mse", local_only=True, selection_metric="neg_mse"),
+        )
+    }
+)
+
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 
@@ -92,5 +124,5 @@ def get_task(name: str | GlueTask) -> GlueTask:
         return name
     key = str(name).strip().lower().replace("-", "")
     if key not in TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
     return TASKS[key]
