@@ -165,14 +165,34 @@ class AdapterLayer(nn.Module):
 
     def _base_row_norm_sq(self, weight: Tensor) -> Tensor:
         """``‖W0‖²`` per row. W0 is frozen in fine-tuning: cache it (a full pass over W0 per step otherwise)."""
+        return self._cached("_w0_sq_cache", weight, lambda w: torch.linalg.vector_norm(w, dim=1).square())
+
+    def _cached(self, name: str, weight: Tensor, compute) -> Tensor:
+        """``compute(weight)``, cached while the frozen ``weight`` is unchanged (same storage and version)."""
         if weight.requires_grad or torch.compiler.is_compiling():
-            return torch.linalg.vector_norm(weight, dim=1).square()
+            return compute(weight)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cache = self.__dict__.get("_w0_sq_cache")
+        cache = self.__dict__.get(name)
         if cache is None or cache[0] != key:
-            cache = (key, torch.linalg.vector_norm(weight, dim=1).square())
-            self.__dict__["_w0_sq_cache"] = cache
+            cache = (key, compute(weight))
+            self.__dict__[name] = cache
         return cache[1]
+
+    def direction_gram(self) -> Tensor:
+        """``V̂ V̂ᵀ``, the ``(out, out)`` Gram matrix of the unit direction rows, without the dense direction.
+
+        ``(W0 + sBA)(W0 + sBA)ᵀ = W0W0ᵀ + s(C Bᵀ + B Cᵀ) + s² B (A Aᵀ) Bᵀ`` with ``C = W0 Aᵀ``: rank-r terms
+        (``out²·r`` work) plus the constant ``W0W0ᵀ``, cached while W0 is frozen (``out²`` floats per layer)
+        instead of ``out²·in`` work per step.
+        """
+        weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        a, b = a.to(acc), b.to(acc)
+        base_gram = self._cached("_w0_gram_cache", weight, lambda w: w.to(acc) @ w.to(acc).T)
+        cross = (weight.to(acc) @ a.T) @ b.T
+        gram = base_gram + s * (cross + cross.T) + (s * s) * ((b @ (a @ a.T)) @ b.T)
+        norm = self.weight_norm()
+        return gram / (norm.unsqueeze(1) * norm.unsqueeze(0))
 
     def direction(self) -> Tensor:
         """The normalised direction ``(W0 + s·BA) / n`` as a dense ``(out, in)`` matrix (rows of unit norm)."""

@@ -223,3 +223,19 @@ def test_no_graph_breaks_in_adapter_layers(method):
         explanation = torch._dynamo.explain(model)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_factored_direction_gram_equals_dense(kind):
+    _, layer, w0 = build("dora", kind, 0.0)
+    dense = w0 + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    unit = dense / torch.linalg.vector_norm(dense, dim=1, keepdim=True)
+    torch.testing.assert_close(layer.direction_gram(), unit @ unit.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.direction(), unit, rtol=1e-12, atol=1e-12)
+    # gradients agree with the dense formula's (gradcheck-style comparison against autograd of the definition)
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    dense_a = w0 + layer.scaling * layer.lora_B.detach() @ a
+    unit_a = dense_a / torch.linalg.vector_norm(dense_a, dim=1, keepdim=True)
+    (unit_a @ unit_a.T).square().sum().backward()
+    layer.direction_gram().square().sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-10, atol=1e-12)
