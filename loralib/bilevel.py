@@ -265,9 +265,18 @@ def orthogonality_term(model: nn.Module, orth_reg: float) -> Callable[[], torch.
 class _StreamProblem(ImplicitProblem):
     """An ImplicitProblem with an explicit parameter list, batches from a :class:`BatchStream`, a per-batch seed."""
 
-    def __init__(self, name: str, config: Config, module: nn.Module, params: Sequence[nn.Parameter],
-                 loss_fn: Callable[[dict], torch.Tensor], stream: BatchStream, optimizer, scheduler,
-                 extra_loss: Callable[[], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: Config,
+        module: nn.Module,
+        params: Sequence[nn.Parameter],
+        loss_fn: Callable[[dict], torch.Tensor],
+        stream: BatchStream,
+        optimizer,
+        scheduler,
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler)
         self._params = list(params)
         self._loss_fn = loss_fn

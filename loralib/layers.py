@@ -178,21 +178,35 @@ class AdapterLayer(nn.Module):
             self.__dict__[name] = cache
         return cache[1]
 
-    def direction_gram(self) -> Tensor:
-        """``V̂ V̂ᵀ``, the ``(out, out)`` Gram matrix of the unit direction rows, without the dense direction.
+    def orthogonality_distance(self) -> Tensor:
+        """``‖V̂ V̂ᵀ − I‖_F`` for the unit direction rows ``V̂ = D⁻¹ V``, ``V = W0 + s·BA``, ``D = diag(n)``.
 
-        ``(W0 + sBA)(W0 + sBA)ᵀ = W0W0ᵀ + s(C Bᵀ + B Cᵀ) + s² B (A Aᵀ) Bᵀ`` with ``C = W0 Aᵀ``: rank-r terms
-        (``out²·r`` work) plus the constant ``W0W0ᵀ``, cached while W0 is frozen (``out²`` floats per layer)
-        instead of ``out²·in`` work per step.
+        Never forms ``V̂`` or any ``(out, out)`` matrix that autograd has to keep. With ``C = W0 Aᵀ``,
+        ``Q = [C, B]`` (out × 2r) and ``S = [[0, s·I], [s·I, s²·AAᵀ]]``, ``V Vᵀ = P + Q S Qᵀ`` where ``P = W0 W0ᵀ``
+        is constant while W0 is frozen. With ``u = 1 / n²``::
+
+            ‖D⁻¹ V Vᵀ D⁻¹‖²_F = uᵀ (P∘P) u + 2·Σ S ∘ (Rᵀ P R) + tr(S T S T),   R = diag(u) Q,  T = Qᵀ diag(u) Q
+            ‖G − I‖²_F = ‖G‖²_F − 2·tr G + out,                              tr G = Σ u_i (P_ii + (Q S Qᵀ)_ii)
+
+        Cost: ``out²·2r`` per step plus the cached ``P`` and ``P∘P`` (``2·out²`` floats per layer). The sum cancels
+        ``out`` against ``‖G‖²_F ≈ out + Σ_{i≠j} cos²_ij``: accurate while the rows are far from orthonormal (as
+        pretrained weights are); it is clamped at zero so it can never turn negative by rounding.
         """
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = torch.promote_types(weight.dtype, torch.float32)
         a, b = a.to(acc), b.to(acc)
-        base_gram = self._cached("_w0_gram_cache", weight, lambda w: w.to(acc) @ w.to(acc).T)
-        cross = (weight.to(acc) @ a.T) @ b.T
-        gram = base_gram + s * (cross + cross.T) + (s * s) * ((b @ (a @ a.T)) @ b.T)
-        norm = self.weight_norm()
-        return gram / (norm.unsqueeze(1) * norm.unsqueeze(0))
+        gram = self._cached("_w0_gram_cache", weight, lambda w: w.to(acc) @ w.to(acc).T)
+        gram_sq = self._cached("_w0_gram_sq_cache", weight, lambda w: gram.square())
+        r = self.r
+        eye = torch.eye(r, dtype=acc, device=a.device)
+        mix = torch.cat([torch.cat([torch.zeros_like(eye), s * eye], 1), torch.cat([s * eye, (s * s) * (a @ a.T)], 1)])
+        q = torch.cat([weight.to(acc) @ a.T, b], dim=1)  # (out, 2r)
+        u = self.weight_norm().to(acc).square().reciprocal()
+        scaled = u.unsqueeze(1) * q
+        t = q.T @ scaled
+        frob_sq = u @ (gram_sq @ u) + 2.0 * (mix * (scaled.T @ (gram @ scaled))).sum() + (mix @ t @ mix @ t).trace()
+        trace = (u * (gram.diagonal() + ((q @ mix) * q).sum(dim=1))).sum()
+        return (frob_sq - 2.0 * trace + weight.shape[0]).clamp_min(0.0).sqrt()
 
     def direction(self) -> Tensor:
         """The normalised direction ``(W0 + s·BA) / n`` as a dense ``(out, in)`` matrix (rows of unit norm)."""

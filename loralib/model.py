@@ -235,18 +235,12 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
 
     This is the paper's ``‖V̂ᵀV̂ − I‖_F`` written for PyTorch's ``(out, in)`` layout (the paper stores ``W`` as
     ``(in, out)`` with column norms): the Gram matrix of the unit direction vectors, whose diagonal is exactly 1.
-    Computed in factored form (:meth:`AdapterLayer.direction_gram`), never materialising the direction.
+    Computed in factored form (:meth:`AdapterLayer.orthogonality_distance`), never materialising the direction.
     """
     layers = [layer for _, layer in adapter_layers(model) if layer.decomposed]
     if not layers:
         raise ValueError("orthogonality_penalty needs DoRA/BiDoRA layers; the model has none")
-    total = None
-    for layer in layers:
-        gram = layer.direction_gram()
-        eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-        term = torch.linalg.matrix_norm(gram - eye)
-        total = term if total is None else total + term
-    return total / len(layers)
+    return torch.stack([layer.orthogonality_distance() for layer in layers]).sum() / len(layers)
 
 
 def reset_directions(model: nn.Module) -> None:

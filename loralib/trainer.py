@@ -109,10 +109,20 @@ class TrainerConfig:
 
         if self.method not in METHODS:
             fail(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, minimum in [("iterations", 1), ("batch_size", 1), ("eval_batch_size", 1), ("unroll_steps", 1),
-                              ("neumann_iterations", 1), ("cg_iterations", 1), ("retrain_iterations", 0),
-                              ("eval_every", 1), ("checkpoint_every", 1), ("snapshots", 0), ("seed", 0),
-                              ("num_workers", 0)]:
+        for name, minimum in [
+            ("iterations", 1),
+            ("batch_size", 1),
+            ("eval_batch_size", 1),
+            ("unroll_steps", 1),
+            ("neumann_iterations", 1),
+            ("cg_iterations", 1),
+            ("retrain_iterations", 0),
+            ("eval_every", 1),
+            ("checkpoint_every", 1),
+            ("snapshots", 0),
+            ("seed", 0),
+            ("num_workers", 0),
+        ]:
             value = getattr(self, name)
             if not is_int(value) or value < minimum:
                 fail(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -332,13 +342,36 @@ def train(
     held-out split and runs without ``evaluate`` report the final model (``"final"``). The selected weights are left
     in ``model`` and saved to ``output_dir/adapter`` (adapted methods). Returns the results dict.
     """
-    return _Run(model, train_dataset, collate_fn, compute_loss, config, Path(output_dir), evaluate,
-                eval_datasets or {}, select_metric, reinit_fn, extra_results or {}).run()
+    return _Run(
+        model,
+        train_dataset,
+        collate_fn,
+        compute_loss,
+        config,
+        Path(output_dir),
+        evaluate,
+        eval_datasets or {},
+        select_metric,
+        reinit_fn,
+        extra_results or {},
+    ).run()
 
 
 class _Run:
-    def __init__(self, model, train_dataset, collate_fn, compute_loss, config, output_dir, evaluate, eval_datasets,
-                 select_metric, reinit_fn, extra_results) -> None:
+    def __init__(
+        self,
+        model,
+        train_dataset,
+        collate_fn,
+        compute_loss,
+        config,
+        output_dir,
+        evaluate,
+        eval_datasets,
+        select_metric,
+        reinit_fn,
+        extra_results,
+    ) -> None:
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
         self.model, self.dataset, self.collate_fn, self.compute_loss = model, train_dataset, collate_fn, compute_loss
@@ -399,9 +432,17 @@ class _Run:
         return "search" if step < self.cfg.iterations else "retrain"
 
     def _stream(self, indices, seed_offset: int) -> BatchStream:
-        return BatchStream(self.dataset, indices, self.cfg.batch_size, self.collate_fn,
-                           seed=self.cfg.seed * 1000 + seed_offset, device=self.device, rank=self.rank,
-                           world_size=self.world_size, num_workers=self.cfg.num_workers)
+        return BatchStream(
+            self.dataset,
+            indices,
+            self.cfg.batch_size,
+            self.collate_fn,
+            seed=self.cfg.seed * 1000 + seed_offset,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.cfg.num_workers,
+        )
 
     def _task_loss(self, module, batch):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
@@ -425,8 +466,9 @@ class _Run:
                 upper_params=upper_params,
                 upper_loss=self._task_loss,
                 upper_stream=self._stream(self.upper_idx, 2),
-                upper_optimizer=make_optimizer(upper_params, cfg.upper_lr_, cfg.upper_weight_decay_, cfg.betas,
-                                               cfg.eps),
+                upper_optimizer=make_optimizer(
+                    upper_params, cfg.upper_lr_, cfg.upper_weight_decay_, cfg.betas, cfg.eps
+                ),
                 hypergradient=cfg.hypergradient,
                 unroll_steps=cfg.unroll_steps,
                 darts_alpha=cfg.darts_alpha,
@@ -586,8 +628,9 @@ class _Run:
             if step == 0:
                 save_target_weights(self.model, directory / "base_weights.safetensors", self.cfg.snapshot_modules)
             else:
-                save_target_weights(self.model, directory / f"step_{step}" / "target_weights.safetensors",
-                                    self.cfg.snapshot_modules)
+                save_target_weights(
+                    self.model, directory / f"step_{step}" / "target_weights.safetensors", self.cfg.snapshot_modules
+                )
         elif step == 0:
             save_target_weights(self.model, directory / "base_weights.safetensors")
         else:
@@ -609,8 +652,13 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         logs = _Logs(self.out, state["global_step"] if state else None) if self.is_main else None
-        bar = tqdm(total=self.total_iters, initial=self.global_step, disable=not (cfg.progress and self.is_main),
-                   desc=f"{cfg.method}", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_iters,
+            initial=self.global_step,
+            disable=not (cfg.progress and self.is_main),
+            desc=f"{cfg.method}",
+            dynamic_ncols=True,
+        )
         resume_step = state["global_step"] if state is not None else 0
         try:
             phase = None
@@ -667,8 +715,11 @@ class _Run:
         cfg = self.cfg
         final_eval = {}
         if self.is_main and self.evaluate is not None:
-            final_eval = {r["split"]: {k: v for k, v in r.items() if k not in ("step", "phase", "split")}
-                          for r in self.history if r["step"] == self.total_iters}
+            final_eval = {
+                r["split"]: {k: v for k, v in r.items() if k not in ("step", "phase", "split")}
+                for r in self.history
+                if r["step"] == self.total_iters
+            }
         report = final_eval
         selected_step = self.total_iters
         if self.selection != "final" and self.best is not None:

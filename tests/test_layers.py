@@ -226,16 +226,20 @@ def test_no_graph_breaks_in_adapter_layers(method):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_factored_direction_gram_equals_dense(kind):
+@pytest.mark.parametrize("update", [0.0, 1.0, 10.0])
+def test_orthogonality_distance_equals_dense_formula(kind, update):
     _, layer, w0 = build("dora", kind, 0.0)
-    dense = w0 + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
-    unit = dense / torch.linalg.vector_norm(dense, dim=1, keepdim=True)
-    torch.testing.assert_close(layer.direction_gram(), unit @ unit.T, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.direction(), unit, rtol=1e-12, atol=1e-12)
-    # gradients agree with the dense formula's (gradcheck-style comparison against autograd of the definition)
+    with torch.no_grad():
+        layer.lora_B.mul_(update)  # 0: the pretrained direction; 10: the rank-r terms dominate
     a = layer.lora_A.detach().clone().requires_grad_(True)
-    dense_a = w0 + layer.scaling * layer.lora_B.detach() @ a
-    unit_a = dense_a / torch.linalg.vector_norm(dense_a, dim=1, keepdim=True)
-    (unit_a @ unit_a.T).square().sum().backward()
-    layer.direction_gram().square().sum().backward()
-    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-10, atol=1e-12)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    dense = w0 + layer.scaling * b @ a
+    unit = dense / torch.linalg.vector_norm(dense, dim=1, keepdim=True)
+    expected = torch.sqrt(((unit @ unit.T - torch.eye(OUT, dtype=torch.float64)) ** 2).sum())
+    torch.testing.assert_close(layer.direction(), unit.detach(), rtol=1e-12, atol=1e-12)
+    distance = layer.orthogonality_distance()
+    torch.testing.assert_close(distance, expected.detach(), rtol=1e-9, atol=1e-12)
+    expected.backward()
+    distance.backward()
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-7, atol=1e-10)
