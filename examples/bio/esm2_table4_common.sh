@@ -1,0 +1,88 @@
+# shellcheck shell=bash
+# Shared body of examples/bio/esm2_650m_{thermostability,bbp,mic}.sh (sourced, not run). The caller sets:
+#   TASK_KEY (thermostability|bbp|mic), TASK_TITLE, DATA_HELP (where the data comes from), DEFAULT_EPOCHS,
+#   MAX_LENGTH and EXTRA_METRICS, then calls esm2_table4_main "$@".
+#
+# Inputs (environment variables, or positional arguments TRAIN_CSV TEST_CSV [OUT_ROOT]):
+#   TRAIN_FILE, TEST_FILE   CSV files with a header and columns sequence,label (raw residues, no spaces)
+#   VALIDATION_FILE         optional dev CSV (reported as split "validation"; never used for selection)
+#   OUT_ROOT                output root (default runs/esm2_<size>_<task>); runs go to OUT_ROOT/<method>/seed<k>
+#   ESM_SIZE                8M | 35M | 150M | 650M (default, the paper's) | 3B
+#   SEEDS                   default "0 1 2 3 4";  METHODS  default "lora dora bidora" (ft allowed)
+#   EPOCHS                  passes over the training data per phase (default per task, ours)
+#   FT_LR                   learning rate of full fine-tuning (default 2e-5; adapters use the config's lr)
+#   EXTRA_ARGS              more run_glue.py options, appended to every run (e.g. "--bf16")
+#   DRY_RUN=1               print the commands instead of running them
+#   PYTHON                  interpreter (default: the repository's .venv, else python3)
+
+esm2_table4_main() {
+  local here root py
+  here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  root="$(cd "$here/../.." && pwd)"
+  py="${PYTHON:-$root/.venv/bin/python}"
+  [[ -x "$py" ]] || py="$(command -v python3)"
+
+  local train="${1:-${TRAIN_FILE:-}}" test="${2:-${TEST_FILE:-}}"
+  local size="${ESM_SIZE:-650M}"
+  local out="${3:-${OUT_ROOT:-$root/runs/esm2_${size}_${TASK_KEY}}}"
+  local seeds="${SEEDS:-0 1 2 3 4}" methods="${METHODS:-lora dora bidora}"
+  local epochs="${EPOCHS:-$DEFAULT_EPOCHS}" ft_lr="${FT_LR:-2e-5}"
+  local config="$here/configs/esm2_${TASK_KEY}.yaml"
+
+  if [[ -z "$train" || -z "$test" || ! -f "$train" || ! -f "$test" ]]; then
+    {
+      echo "error: $TASK_TITLE needs its data as CSV files (header: sequence,label); got"
+      echo "  TRAIN_FILE='${train}'  TEST_FILE='${test}'  (missing or not a file)"
+      echo
+      echo "$DATA_HELP"
+      echo
+      echo "usage: TRAIN_FILE=train.csv TEST_FILE=test.csv [ESM_SIZE=650M] [SEEDS='0 1 2 3 4'] $0"
+      echo "   or: $0 train.csv test.csv [OUT_ROOT]"
+    } >&2
+    exit 1
+  fi
+  train="$(cd "$(dirname "$train")" && pwd)/$(basename "$train")"
+  test="$(cd "$(dirname "$test")" && pwd)/$(basename "$test")"
+  local val_args=() val="${VALIDATION_FILE:-}"
+  if [[ -n "$val" ]]; then
+    [[ -f "$val" ]] || { echo "error: VALIDATION_FILE=$val is not a file" >&2; exit 1; }
+    val_args=(--validation "$val")
+  fi
+
+  echo "== $TASK_TITLE with ESM-2 $size: LoRA/DoRA/BiDoRA comparison (hyper-parameters are ours: $config)" >&2
+  local plan
+  plan="$("$py" "$here/plan.py" --train "$train" --test "$test" "${val_args[@]}" --size "$size" \
+          --epochs "$epochs" --max-length "$MAX_LENGTH" --methods "$methods" --seeds "$seeds")"
+  local ITERATIONS RETRAIN_ITERATIONS MODEL
+  eval "$plan"
+  echo "output: $out" >&2
+
+  local run=()
+  [[ "${DRY_RUN:-0}" == 1 ]] && run=(echo "[dry run]")
+  local seed method dir per_method
+  for seed in $seeds; do
+    for method in $methods; do
+      dir="$out/$method/seed$seed"
+      if [[ -f "$dir/results.json" && "${OVERWRITE:-0}" != 1 ]]; then
+        echo "skip $method seed $seed: $dir/results.json exists (OVERWRITE=1 to redo)" >&2
+        continue
+      fi
+      per_method=(--iterations "$ITERATIONS")
+      case "$method" in
+        ft) per_method+=(--lr "$ft_lr") ;;
+        # The small-data protocol: bi-level search on 80/20, then retrain a fresh adapter and head on all of train
+        # with the magnitudes frozen at their searched values; the retrained model is reported.
+        bidora) per_method+=(--retrain_iterations "$RETRAIN_ITERATIONS") ;;
+      esac
+      local vfile=()
+      [[ -n "$val" ]] && vfile=(--validation_file "$val")
+      # shellcheck disable=SC2086  # EXTRA_ARGS is a list of options on purpose
+      "${run[@]}" "$py" "$root/examples/NLU/run_glue.py" --config "$config" --model_name_or_path "$MODEL" \
+        --train_file "$train" --test_file "$test" "${vfile[@]}" --method "$method" --seed "$seed" \
+        --output_dir "$dir" "${per_method[@]}" ${EXTRA_ARGS:-}
+    done
+  done
+  "${run[@]}" "$py" "$root/utils/compare_methods.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
+    ${EXTRA_METRICS:+--extra-metrics "$EXTRA_METRICS"} --markdown "$out/comparison.md" --json "$out/comparison.json" \
+    --figure "$out/comparison.png"
+}
