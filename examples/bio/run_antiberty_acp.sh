@@ -37,9 +37,9 @@ cd "$ROOT"
 n_seeds=$(wc -w <<<"$SEEDS")
 echo "== AntiBERTy on ACP_CancPPD_vs_Random: methods [$METHODS] x seeds [$SEEDS] -> $OUT" >&2
 echo "   model: AntiBERTy (25.8M parameters, ~104 MB, shipped by antiberty==0.1.3; nothing is downloaded)" >&2
-# Measured on 2 idle cores (seed 0): lora 42 s, dora 41 s, bidora 68 s of training + ~5 s start-up per run.
-echo "   time: ~170 s per seed for lora+dora+bidora on 2 idle CPU cores (measured; see examples/bio/README.md):" \
-     "~$(( (170 * n_seeds + 59) / 60 )) min in all" >&2
+# Measured on 2 idle cores: 5 seeds x (lora + dora + bidora) took 16.5 min (~200 s per seed with start-up).
+echo "   time: ~200 s per seed for lora+dora+bidora on 2 idle CPU cores (measured; see examples/bio/README.md):" \
+     "~$(( (200 * n_seeds + 59) / 60 )) min in all" >&2
 
 "$PY" examples/offline_packages.py install
 mkdir -p "$OUT"

@@ -59,4 +59,6 @@ for seed in $SEEDS; do
 done
 
 "$PY" "$ROOT/utils/compare_methods.py" "$OUT" --split test --markdown "$OUT/summary.md" --json "$OUT/summary.json" \
-  --figure "$FIGURE"
+  --figure "$FIGURE" --title "all-MiniLM-L6-v2 on $TASK (seeds: $SEEDS)"
+cp "$OUT/summary.json" "${FIGURE%.png}.json"
+echo "wrote $OUT/summary.md, ${FIGURE%.png}.json and $FIGURE"
