@@ -27,8 +27,10 @@ FORMAT = "loralib-adapter"
 FORMAT_VERSION = 1
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename, so a crash never leaves half a file."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file in the same folder, then rename it to ``path``: a crash never
+    leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -39,6 +41,11 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8, newlines untouched) to ``path`` atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
 
 
 def _require_config(model: nn.Module) -> AdapterConfig:
@@ -84,8 +91,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     tensors = adapter_state_dict(model)
     meta = _metadata(model, config)
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return directory
 
 
@@ -182,7 +189,7 @@ def save_target_weights(
         if not tensors:
             raise ValueError(f"no module with a weight matched target_modules={target_modules!r}")
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return path
 
 
@@ -229,8 +236,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "inference_mode": True,
     }
     directory = Path(directory)
-    _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
-    _atomic_write(
+    atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write(
         directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2))
     )
     return directory

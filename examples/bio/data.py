@@ -30,13 +30,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 from sklearn.model_selection import train_test_split
+
+from loralib.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
 import offline_packages  # noqa: E402
@@ -197,18 +198,6 @@ def clean_sequences(
 # --------------------------------------------------------------------------------------------------------- split
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _label_counts(labels: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted(labels.value_counts().items())}
 
@@ -252,8 +241,8 @@ def split_dataset(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "test.csv", test.to_csv(index=False, lineterminator="\n"))
-        _atomic_write_text(out / "train.csv", train.to_csv(index=False, lineterminator="\n"))
+        atomic_write_text(out / "test.csv", test.to_csv(index=False, lineterminator="\n"))
+        atomic_write_text(out / "train.csv", train.to_csv(index=False, lineterminator="\n"))
         info = {
             "source": df.attrs.get("source"),
             "class_names": {str(k): v for k, v in df.attrs.get("class_names", {}).items()},
@@ -265,7 +254,7 @@ def split_dataset(
             "label_counts": {"train": _label_counts(train["label"]), "test": _label_counts(test["label"])},
             "cleaning": asdict(cleaning) if cleaning is not None else None,
         }
-        _atomic_write_text(out / "split.json", json.dumps(info, indent=2) + "\n")
+        atomic_write_text(out / "split.json", json.dumps(info, indent=2) + "\n")
     return train, test
 
 

@@ -41,13 +41,14 @@ import json
 import os
 import sys
 import tarfile
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from loralib.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
 import offline_packages  # noqa: E402
@@ -109,24 +110,12 @@ def _clean(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- I/O
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_csv(path: Path, rows: Sequence[tuple[str, int | float]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["sentence", "label"])
     writer.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _write_outputs(out_dir: Path, train: list, test: list, info: dict) -> None:
@@ -134,7 +123,7 @@ def _write_outputs(out_dir: Path, train: list, test: list, info: dict) -> None:
     _write_csv(out_dir / "test.csv", test)
     _write_csv(out_dir / "train.csv", train)
     # split.json last: its presence means the CSV files next to it are complete.
-    _atomic_write_text(out_dir / "split.json", json.dumps(info, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(out_dir / "split.json", json.dumps(info, indent=2, sort_keys=False) + "\n")
 
 
 def _check_sizes(n_train: int, n_test: int) -> None:
