@@ -36,6 +36,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

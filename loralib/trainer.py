@@ -37,7 +37,7 @@ from .bilevel import (
     orthogonality_term,
     split_indices,
 )
-from .io import save_adapters, save_target_weights
+from .io import atomic_write, atomic_write_text, save_adapters, save_target_weights
 from .model import (
     direction_parameters,
     get_adapter_config,
@@ -207,20 +207,9 @@ class TrainerConfig:
 # ------------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -756,7 +745,7 @@ class _Run:
         if self.is_main:
             if adapter is not None:
                 save_adapters(self.model, self.out / "adapter")
-            _atomic(self.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
         self.engine = None
         if self.owns_process_group and dist.is_initialized():
             dist.barrier()

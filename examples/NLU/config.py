@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any
 
 import yaml
 from glue_tasks import TASK_NAMES, get_task
+
+from loralib.io import atomic_write_text
 
 METHODS = ("ft", "lora", "dora", "bidora")
 # The upper level's hypergradient, as offered by loralib/bilevel.py (kept in sync by hand: this file does not import
@@ -297,17 +298,7 @@ def load_config(yaml_path: str | os.PathLike, validate: bool = True) -> GlueRunC
 
 def save_config(cfg: GlueRunConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML (atomically); :func:`load_config` reads it back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _cli_scalar(hint: Any):

@@ -42,7 +42,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ import torch
 from glue_tasks import GlueTask, get_task
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from loralib.io import atomic_write
 
 HUB_DATASET = "nyu-mll/glue"
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
@@ -541,21 +542,8 @@ def tokenize_split(
         labels = torch.tensor(raw.labels, dtype=torch.float32 if raw.task.is_regression else torch.long)
     ds = GlueDataset(raw.task, raw.name, flat_ids, offsets, flat_types, labels)
     if path is not None:
-        _atomic_save(ds.state(), path)
+        atomic_write(path, lambda tmp: torch.save(ds.state(), tmp))
     return ds
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def default_cache_dir() -> Path:

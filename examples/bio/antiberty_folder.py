@@ -25,8 +25,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from loralib.io import atomic_write, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import AntibertyPaths, antiberty_paths, assert_tokenizer_covers_residues  # noqa: E402
@@ -39,16 +40,7 @@ TOKENIZER_CONFIG = {"tokenizer_class": "BertTokenizer", "do_lower_case": False, 
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary readable files
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _atomic_symlink(target: Path, dst: Path) -> None:
@@ -60,17 +52,7 @@ def _atomic_symlink(target: Path, dst: Path) -> None:
 
 
 def _atomic_json(data: dict, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(dst, json.dumps(data, indent=2) + "\n")
 
 
 def check_antiberty_folder(folder: str | os.PathLike):
