@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script (python utils/aggregate_results.py): make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.files import atomic_write_text, mean_and_sample_std  # noqa: E402
 from utils.paper_results import (  # noqa: E402
     PaperData,
     load_paper_data,
@@ -71,12 +70,12 @@ class Cell:
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.values))
+        return mean_and_sample_std(self.values)[0]
 
     @property
     def std(self) -> float | None:
         """Sample standard deviation (ddof = 1); None with a single seed."""
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else None
+        return mean_and_sample_std(self.values)[1]
 
 
 GroupKey = tuple[str, str, "int | None"]  # (model, method, rank)
@@ -345,14 +344,6 @@ def render_markdown(collection: Collection, missing: list[dict], wilcoxon_md: st
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _csv(text: str | None, kind):
     if text is None:
         return None
@@ -400,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render_markdown(collection, missing, format_wilcoxon_markdown(report, data.method_names, paper_p), data)
     print(text)
     if args.markdown:
-        _atomic_write_text(Path(args.markdown), text)
+        atomic_write_text(args.markdown, text)
         print(f"wrote {args.markdown}")
     if args.figure:
         from utils.aggregate_plot import plot_task_bars

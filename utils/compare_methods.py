@@ -28,12 +28,16 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script (python utils/compare_methods.py): make `utils` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.files import atomic_write, mean_and_sample_std  # noqa: E402
 
 RESULTS_NAME = "results.json"
 SEARCH_ONLY = "bidora (search only)"
@@ -98,16 +102,15 @@ class MethodRow:
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.values))
+        return mean_and_sample_std(self.values)[0]
 
     @property
     def std(self) -> float | None:
         """Sample standard deviation (ddof = 1); None for a single seed."""
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else None
+        return mean_and_sample_std(self.values)[1]
 
     def extra_stats(self, metric: str) -> tuple[float, float | None]:
-        vals = self.extra[metric]
-        return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+        return mean_and_sample_std(self.extra[metric])
 
 
 @dataclass
@@ -441,22 +444,6 @@ def comparison_to_dict(comp: Comparison) -> dict[str, Any]:
             "expected_seeds": comp.expected_seeds, "missing": comp.missing, "rows": rows, "files": comp.files}
 
 
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def plot_comparison(comp: Comparison, path: str | os.PathLike, title: str | None = None) -> Path:
     """Bar chart: one bar per method (mean), sample-std error bar, each seed as a dot. Writes ``path``."""
     import matplotlib
@@ -489,7 +476,7 @@ def plot_comparison(comp: Comparison, path: str | os.PathLike, title: str | None
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fmt = Path(path).suffix.lstrip(".") or "png"
-    out = _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
     plt.close(fig)
     return out
 
@@ -537,10 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         text = render_markdown(comp)
         print(text, end="")
         if args.markdown:
-            _atomic_write(args.markdown, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            atomic_write(args.markdown, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if args.json:
             payload = json.dumps(comparison_to_dict(comp), indent=2) + "\n"
-            _atomic_write(args.json, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
         if args.figure:
             plot_comparison(comp, args.figure, args.title)
     except (ValueError, OSError) as err:

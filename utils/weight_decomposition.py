@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from safetensors.torch import load_file
 if __package__ in (None, ""):  # run as a script (python utils/weight_decomposition.py): make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.files import atomic_write, atomic_write_text  # noqa: E402
 from utils.paper_results import load_paper_data  # noqa: E402
 
 # The paper analyses query matrices. `re.search` semantics: "query" alone also works on the command line.
@@ -267,24 +266,9 @@ def format_table(result: DecompositionResult) -> str:
     return "\n".join(lines)
 
 
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 def save_figure(fig, path: str | Path) -> Path:
     """Save a matplotlib figure as PNG through a temporary file (no half-written file on a crash)."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
 
 
 def plot_decomposition(results: list[DecompositionResult], path: str | Path) -> Path:
@@ -362,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(res))
         print()
     if args.json:
-        path = Path(args.json)
-        tmp = _atomic_target(path)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump([asdict(r) for r in results], fh, indent=1, default=str)
-        os.replace(tmp, path)
+        path = atomic_write_text(args.json, json.dumps([asdict(r) for r in results], indent=1, default=str))
         print(f"wrote {path}")
     if args.figure:
         print(f"wrote {plot_decomposition(results, args.figure)}")
