@@ -4,7 +4,8 @@ The whole BiDoRA algorithm lives in two files: :mod:`loralib.layers` (the weight
 :mod:`loralib.bilevel` (the two Betty problems: direction below, magnitude above).
 """
 
-from .io import adapter_state_dict, export_peft, load_adapters, read_adapter_config, save_adapters, save_target_weights
+from .hf import from_pretrained
+from .io import adapter_state_dict, load_adapters, read_adapter_config, save_adapters, save_target_weights
 from .layers import (
     AdapterLayer,
     BiDoRAConv1D,
@@ -31,6 +32,7 @@ from .model import (
     saved_module_parameters,
     unmerge_adapters,
 )
+from .peft_compat import adapter_config_from_peft, export_peft, load_peft_adapter
 
 __version__ = "0.1.0"
 
@@ -46,13 +48,16 @@ __all__ = [
     "LoRAConv1D",
     "LoRAEmbedding",
     "LoRALinear",
+    "adapter_config_from_peft",
     "adapter_layers",
     "adapter_state_dict",
     "apply_adapters",
     "direction_parameters",
     "export_peft",
+    "from_pretrained",
     "get_adapter_config",
     "load_adapters",
+    "load_peft_adapter",
     "magnitude_parameters",
     "merge_adapters",
     "merge_and_unload",

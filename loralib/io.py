@@ -1,4 +1,8 @@
-"""Saving and loading adapters (safetensors + JSON), and export to PEFT's on-disk format."""
+"""Saving and loading adapters (safetensors + JSON). PEFT import / export: :mod:`loralib.peft_compat`.
+
+:func:`load_adapters` reads both loralib's own folders and PEFT LoRA / DoRA folders (told apart by the
+``"format"`` key of ``adapter_config.json``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from .layers import LoRAEmbedding
 from .model import (
     AdapterConfig,
     adapter_layers,
@@ -76,11 +80,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _metadata(model: nn.Module, config: AdapterConfig) -> dict:
     layers = adapter_layers(model)
+    scalings = {name: layer.scaling for name, layer in layers}
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config": config.to_dict(),
-        "scaling": layers[0][1].scaling,
+        # one number when every module shares it (older readers use it), else None: see module_scaling
+        "scaling": next(iter(scalings.values())) if len(set(scalings.values())) == 1 else None,
+        "module_scaling": scalings,
         "base_model_class": type(model).__name__,
         "adapted_modules": {name: list(layer.base_weight().shape) for name, layer in layers},
     }
@@ -97,26 +104,194 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``.
+
+    Raises FileNotFoundError when the file is missing and ValueError (naming the file, the line and the column)
+    when it is not UTF-8 JSON or not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno} col {err.colno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not valid adapter JSON (a {type(data).__name__}, not an object)")
+    return data
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of the safetensors file ``path``, tensors on the CPU.
+
+    Raises FileNotFoundError when the file is missing, ValueError when it is not a readable safetensors file
+    (truncated, corrupted) or when a floating-point tensor holds NaN or inf (naming the tensor).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupted: {err})") from None
+    for key, value in tensors.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"tensor {key!r} in {path} contains NaN or inf values; refusing to load it")
+    return tensors, metadata
+
+
+def adapter_kind(directory: str | os.PathLike) -> tuple[str, dict]:
+    """``("loralib" | "peft", adapter_config)`` for an adapter folder.
+
+    A loralib folder has a ``"format"`` key in ``adapter_config.json``, a PEFT one a ``"peft_type"`` key. Raises
+    FileNotFoundError for a missing folder or config, ValueError for an unreadable config or for PEFT's several-
+    adapter layout (adapters in subfolders and none at the top, which loralib refuses naming them).
+    """
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG
+    if not path.is_file():
+        if directory.is_dir():
+            subfolders = sorted(p.name for p in directory.iterdir() if (p / ADAPTER_CONFIG).is_file())
+            if subfolders:
+                raise ValueError(
+                    f"{directory} holds several adapters in subfolders {subfolders} and none at its top; loralib loads "
+                    f"one adapter: pass one adapter's folder, e.g. {directory / subfolders[0]}"
+                )
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}; not an adapter directory")
+    meta = read_json(path)
+    if "format" in meta:
+        return "loralib", meta
+    if "peft_type" in meta:
+        return "peft", meta
+    raise ValueError(f"{path} is neither a loralib adapter config (no 'format' key) nor a PEFT one (no 'peft_type')")
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """The metadata written by :func:`save_adapters`, validated."""
+    """The metadata written by :func:`save_adapters`, validated.
+
+    Raises FileNotFoundError when there is no ``adapter_config.json``, ValueError when it is not valid JSON, not a
+    loralib config (e.g. a PEFT one: use :func:`load_adapters`) or of another format version.
+    """
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}; not a loralib adapter directory")
-    meta = json.loads(path.read_text())
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(path)
+    if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a loralib adapter config (format={meta.get('format')!r})")
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta.get('version')}, this loralib reads {FORMAT_VERSION}")
+    missing = [key for key in ("config", "base_model_class", "adapted_modules") if key not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the keys {missing}; it is not a complete loralib adapter config")
+    if not isinstance(meta["config"], dict) or not isinstance(meta["adapted_modules"], dict):
+        raise ValueError(f"{path}: 'config' and 'adapted_modules' must be JSON objects")
     return meta
 
 
-def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load adapters saved by :func:`save_adapters` into ``model``.
+def check_same_adapters(
+    model: nn.Module, saved: AdapterConfig, saved_shapes: dict[str, list[int]], source: str | os.PathLike
+) -> None:
+    """Refuse (ValueError naming the setting and both values) to load adapters made with other settings.
 
-    A model without adapters gets them applied from the saved config first. Raises if the saved adapters were made
-    for another architecture, method, rank or set of modules.
+    Compares the model's adapters with ``saved`` (the config of the adapters on disk) and ``saved_shapes``
+    (``{module: [out, in]}``): method, use_rslora, the adapted modules and their shapes, and the rank and
+    lora_alpha of every module (so rank_pattern / alpha_pattern count through their effect).
+    """
+    config = get_adapter_config(model)
+    if config is None:
+        raise ValueError("the model has no adapters; call loralib.apply_adapters first")
+    for key in ("method", "use_rslora"):
+        if getattr(config, key) != getattr(saved, key):
+            raise ValueError(
+                f"adapters in {source} have {key}={getattr(saved, key)!r}, "
+                f"the model's adapters have {key}={getattr(config, key)!r}"
+            )
+    layers = adapter_layers(model)
+    expected = {name: list(layer.base_weight().shape) for name, layer in layers}
+    saved_shapes = {name: list(shape) for name, shape in saved_shapes.items()}
+    if expected != saved_shapes:
+        missing = sorted(set(saved_shapes) - set(expected))
+        extra = sorted(set(expected) - set(saved_shapes))
+        shapes = sorted(k for k in set(expected) & set(saved_shapes) if expected[k] != saved_shapes[k])
+        raise ValueError(
+            f"adapters in {source} do not fit this model (target_modules={saved.target_modules!r} there, "
+            f"{config.target_modules!r} here): saved-only modules {missing}, model-only modules {extra}, "
+            f"shape mismatches {shapes}"
+        )
+    patterns = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
+    for name, layer in layers:
+        for key, there, here in (
+            ("r", saved.rank_for(name), layer.r),
+            ("lora_alpha", float(saved.alpha_for(name)), layer.lora_alpha),
+        ):
+            if there == here:
+                continue
+            pattern = patterns[key]
+            if getattr(saved, pattern) or getattr(config, pattern):
+                raise ValueError(
+                    f"adapters in {source} have {key}={there!r} for module {name!r} ({pattern}="
+                    f"{getattr(saved, pattern)!r}), the model's adapters have {key}={here!r} "
+                    f"({pattern}={getattr(config, pattern)!r})"
+                )
+            raise ValueError(f"adapters in {source} have {key}={there!r}, the model's adapters have {key}={here!r}")
+
+
+def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``tensors`` (loralib names: ``<module>.lora_A`` ...) into the model's adapters and saved modules.
+
+    The key sets and shapes must match exactly (ValueError otherwise). Merged layers are unmerged first (with the
+    adapter they were merged with), loaded, and merged again, so the model computes the loaded adapter.
+    """
+    config = get_adapter_config(model)
+    if config is None:
+        raise ValueError("the model has no adapters; call loralib.apply_adapters first")
+    live = _live_tensors(model, config)
+    if set(tensors) != set(live):
+        raise ValueError(
+            f"adapter tensors in {source} do not match the model: missing {sorted(set(live) - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - set(live))}"
+        )
+    for key, value in tensors.items():
+        if value.shape != live[key].shape:
+            raise ValueError(
+                f"{key} in {source}: saved shape {tuple(value.shape)} != model shape {tuple(live[key].shape)}"
+            )
+    merged = [layer for _, layer in adapter_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    with torch.no_grad():
+        for key, value in tensors.items():
+            live[key].copy_(value)
+    for _, layer in adapter_layers(model):
+        layer._norm_cache = None
+    for layer in merged:
+        layer.merge()
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load adapters saved by :func:`save_adapters`, or a PEFT LoRA / DoRA folder, into ``model``; returns it.
+
+    A model without adapters gets them applied from the saved config first (for PEFT, the converted config: see
+    :func:`loralib.peft_compat.load_peft_adapter`). A model with adapters must have the same method, use_rslora,
+    adapted modules, ranks and lora_alpha (per module); merged layers are unmerged, loaded and merged again.
+
+    Raises:
+        FileNotFoundError: no folder, no ``adapter_config.json`` or no ``adapter_model.safetensors``.
+        ValueError: an unreadable file (invalid JSON, truncated safetensors), NaN / inf in a tensor, adapters made
+            for another architecture or with other settings (naming the setting and both values), a PEFT option
+            loralib cannot represent (naming it).
     """
     directory = Path(directory)
+    kind, _ = adapter_kind(directory)
+    if kind == "peft":
+        from .peft_compat import load_peft_adapter
+
+        return load_peft_adapter(model, directory)
     meta = read_adapter_config(directory)
     saved_config = AdapterConfig.from_dict(meta["config"])
     if meta["base_model_class"] != type(model).__name__:
@@ -124,41 +299,11 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"adapters in {directory} were saved for a {meta['base_model_class']}, "
             f"this model is a {type(model).__name__}"
         )
-    config = get_adapter_config(model)
-    if config is None:
+    tensors, _ = read_safetensors(directory / ADAPTER_WEIGHTS)  # before applying anything: a bad file changes nothing
+    if get_adapter_config(model) is None:
         apply_adapters(model, saved_config)
-        config = saved_config
-    for key in ("method", "r"):
-        if getattr(config, key) != getattr(saved_config, key):
-            raise ValueError(
-                f"adapters in {directory} have {key}={getattr(saved_config, key)!r}, "
-                f"the model's adapters have {key}={getattr(config, key)!r}"
-            )
-    expected = _metadata(model, config)["adapted_modules"]
-    if expected != meta["adapted_modules"]:
-        missing = sorted(set(meta["adapted_modules"]) - set(expected))
-        extra = sorted(set(expected) - set(meta["adapted_modules"]))
-        shapes = sorted(
-            k for k in set(expected) & set(meta["adapted_modules"]) if expected[k] != meta["adapted_modules"][k]
-        )
-        raise ValueError(
-            f"adapters in {directory} do not fit this model: saved-only modules {missing}, model-only modules {extra}, "
-            f"shape mismatches {shapes}"
-        )
-    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-    live = _live_tensors(model, config)
-    if set(tensors) != set(live):
-        raise ValueError(
-            f"adapter tensors do not match: missing {sorted(set(live) - set(tensors))}, "
-            f"unexpected {sorted(set(tensors) - set(live))}"
-        )
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if value.shape != live[key].shape:
-                raise ValueError(f"{key}: saved shape {tuple(value.shape)} != model shape {tuple(live[key].shape)}")
-            live[key].copy_(value)
-    for _, layer in adapter_layers(model):
-        layer._norm_cache = None
+    check_same_adapters(model, saved_config, meta["adapted_modules"], directory)
+    copy_adapter_tensors(model, tensors, directory / ADAPTER_WEIGHTS)
     return model
 
 
@@ -194,51 +339,11 @@ def save_target_weights(
     return path
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's LoRA format.
+def __getattr__(name: str):
+    # export_peft moved to loralib.peft_compat; `from loralib.io import export_peft` keeps working (imported lazily:
+    # peft_compat imports this module).
+    if name == "export_peft":
+        from .peft_compat import export_peft
 
-    DoRA and BiDoRA both export as PEFT DoRA (``use_dora=True``); ``PeftModel.from_pretrained`` on the same base
-    model then reproduces this model's outputs.
-    """
-    config = _require_config(model)
-    layers = adapter_layers(model)
-    if any(layer.merged for _, layer in layers):
-        raise ValueError("unmerge the adapters before exporting to PEFT (PEFT expects the pristine base weights)")
-    tensors: dict[str, torch.Tensor] = {}
-    prefix = "base_model.model."
-    for name, layer in layers:
-        a_key, b_key = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if isinstance(layer, LoRAEmbedding)
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        tensors[f"{prefix}{name}.{a_key}"] = layer.lora_A
-        tensors[f"{prefix}{name}.{b_key}"] = layer.lora_B
-        if layer.decomposed:
-            tensors[f"{prefix}{name}.lora_magnitude_vector"] = layer.magnitude
-    for key, value in saved_module_parameters(model).items():
-        tensors[prefix + key] = value
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": name_or_path,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": config.target_modules,
-        "modules_to_save": config.modules_to_save or None,
-        "use_dora": config.method != "lora",
-        "use_rslora": config.use_rslora,
-        "fan_in_fan_out": any(type(layer).__name__.endswith("Conv1D") for _, layer in layers),
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    directory = Path(directory)
-    atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write(
-        directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2))
-    )
-    return directory
+        return export_peft
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

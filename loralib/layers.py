@@ -28,6 +28,7 @@ analysis) materialises the dense matrix on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,6 +49,22 @@ __all__ = [
 ]
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _full_precision_region(device: torch.device):
+    """A context in which autocast is off on ``device``: the norm and the merge are sums of many terms whose
+    cancellation a half-precision matmul would ruin, and they are cheap (rank-r) anyway."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _validate(r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: str) -> None:
     if isinstance(r, bool) or not isinstance(r, int):
         raise ValueError(f"r must be a positive integer, got {r!r} ({type(r).__name__})")
@@ -66,14 +83,18 @@ def _validate(r: int, lora_alpha: float, lora_dropout: float, init_lora_weights:
 class AdapterLayer(nn.Module):
     """Mixin holding the adapter parameters and the forward / merge math shared by every layer type.
 
-    Subclasses provide :meth:`base_weight`, :meth:`_set_base_weight`, :meth:`_base_matmul` (``W0 x`` without bias)
-    and :meth:`_adapter_input` (``A drop(x)``, shape ``(..., r)``).
+    Subclasses provide :meth:`base_weight`, :meth:`_set_base_weight`, :meth:`_base_forward` (the unadapted layer's
+    own output, bias included) and :meth:`_adapter_input` (``A drop(x)``, shape ``(..., r)``).
     """
 
     #: True for DoRA / BiDoRA (a trainable ``magnitude`` rescales each output row).
     decomposed: bool = False
     #: "lora" | "dora" | "bidora"; also the name used in saved configs.
     method: str = "lora"
+
+    #: Whether autocast changes the base op's output dtype (matmuls: yes; embedding lookups: no). When it does not,
+    #: the adapter's add runs outside autocast too, so the layer returns the dtype the pretrained layer returns.
+    _base_op_autocasts: bool = True
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
@@ -89,11 +110,19 @@ class AdapterLayer(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: str = "kaiming",
         detach_norm: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         _validate(r, lora_alpha, lora_dropout, init_lora_weights)
         weight = self.base_weight()
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} needs a floating-point base weight, got {weight.dtype} "
+                "(quantised layers are not supported: adapt the floating-point model)"
+            )
         out_features, in_features = weight.shape
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        # fp32 adapters on a half-precision base (PEFT's default too): half-precision A, B and m train poorly.
+        adapter_dtype = torch.float32 if autocast_adapter_dtype and weight.dtype in _HALF_DTYPES else weight.dtype
+        factory = {"device": weight.device, "dtype": adapter_dtype}
         self.r = r
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = bool(use_rslora)
@@ -104,13 +133,15 @@ class AdapterLayer(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
-        self._merge_scale: Tensor | None = None  # m / n at merge time (DoRA), needed to unmerge
+        # m / n at merge time (DoRA), needed to unmerge. A buffer, so that it follows .to() / .half() with the layer;
+        # saved through get_extra_state (the key set of the state dict must not depend on the merge state).
+        self.register_buffer("_merge_scale", None, persistent=False)
         self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None
         self.reset_adapter_parameters()
         if self.decomposed:
             with torch.no_grad():
                 norm = self.weight_norm()  # equals ‖W0‖_row exactly the way the forward computes it: m / n = 1
-            self.magnitude = nn.Parameter(norm.to(weight.dtype))
+            self.magnitude = nn.Parameter(norm.to(adapter_dtype))
 
     def reset_adapter_parameters(self) -> None:
         """Re-initialise the direction: A random (Kaiming-uniform or Gaussian), B zero (so ΔW = 0)."""
@@ -120,7 +151,13 @@ class AdapterLayer(nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+        self._invalidate_caches()
+
+    def _invalidate_caches(self) -> None:
+        """Forget every cached quantity (the eval-mode norm, ‖W0‖², W0 W0ᵀ): after a merge, an unmerge or a load."""
         self._norm_cache = None
+        for name in ("_w0_sq_cache", "_w0_gram_cache", "_w0_gram_sq_cache"):
+            self.__dict__.pop(name, None)
 
     def extra_repr(self) -> str:
         return (
@@ -135,8 +172,8 @@ class AdapterLayer(nn.Module):
     def _set_base_weight(self, weight_out_in: Tensor) -> None:
         raise NotImplementedError
 
-    def _base_matmul(self, x: Tensor) -> Tensor:
-        """``W0 x`` without bias, in the layer's own layout."""
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """What the unadapted layer returns for ``x`` (``W0 x + b``), computed exactly the way it computes it."""
         raise NotImplementedError
 
     def _adapter_input(self, x: Tensor) -> Tensor:
@@ -154,14 +191,18 @@ class AdapterLayer(nn.Module):
     def weight_norm(self) -> Tensor:
         """``‖W0 + s·BA‖`` per output row, factored (see the module docstring), differentiable in A and B."""
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
-        w0_sq = self._base_row_norm_sq(weight)
-        cross = ((weight @ a.T) * b).sum(dim=1)
-        quad = ((b @ (a @ a.T)) * b).sum(dim=1)
-        n_sq = w0_sq + (2.0 * s) * cross + (s * s) * quad
-        floor = torch.finfo(acc).eps * w0_sq + torch.finfo(acc).tiny
-        return n_sq.clamp_min(floor).sqrt()
+        acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
+        with _full_precision_region(weight.device):
+            weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
+            w0_sq = self._base_row_norm_sq(weight)
+            cross = ((weight @ a.T) * b).sum(dim=1)
+            quad = ((b @ (a @ a.T)) * b).sum(dim=1)
+            n_sq = w0_sq + (2.0 * s) * cross + (s * s) * quad
+            # The floor keeps n (and m = n at init) a normal number of the magnitude's dtype: in fp16 an all-zero row
+            # would otherwise give m = 0 and m / n = 0 / 0.
+            tiny = max(torch.finfo(acc).tiny, torch.finfo(a.dtype).tiny ** 2)
+            floor = torch.finfo(acc).eps * w0_sq + tiny
+            return n_sq.clamp_min(floor).sqrt()
 
     def _base_row_norm_sq(self, weight: Tensor) -> Tensor:
         """``‖W0‖²`` per row. W0 is frozen in fine-tuning: cache it (a full pass over W0 per step otherwise)."""
@@ -193,8 +234,11 @@ class AdapterLayer(nn.Module):
         pretrained weights are); it is clamped at zero so it can never turn negative by rounding.
         """
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        a, b = a.to(acc), b.to(acc)
+        acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
+        with _full_precision_region(weight.device):
+            return self._orthogonality_distance(weight, a.to(acc), b.to(acc), s, acc)
+
+    def _orthogonality_distance(self, weight: Tensor, a: Tensor, b: Tensor, s: float, acc: torch.dtype) -> Tensor:
         gram = self._cached("_w0_gram_cache", weight, lambda w: w.to(acc) @ w.to(acc).T)
         gram_sq = self._cached("_w0_gram_sq_cache", weight, lambda w: gram.square())
         r = self.r
@@ -229,39 +273,67 @@ class AdapterLayer(nn.Module):
         return self._norm_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = self._bias()
+        # The base output is the unadapted layer's own (bias included, same kernels, same autocast behaviour), so an
+        # adapter at its initial state returns exactly what the pretrained layer returns, in every dtype.
+        base = self._base_forward(x)
         if self.merged:
-            out = self._base_matmul(x)
-            return out if bias is None else out + bias
-        base = self._base_matmul(x)
+            return base
         # s is applied to the rank-r activations (cheap), and the add is fused into the B matmul (addmm).
         low_rank = self._adapter_input(x) * self.scaling
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), low_rank.reshape(-1, self.r), self.lora_B.T)
+        flat = base.reshape(-1, base.shape[-1])
+        if low_rank.dtype == base.dtype and self._base_op_autocasts:
+            out = torch.addmm(flat, low_rank.reshape(-1, self.r), self.lora_B.T)
+        else:  # fp32 adapters on a half base outside autocast, or a base op that autocast leaves alone (embedding):
+            with _full_precision_region(flat.device):  # add in fp32, round once to the base layer's dtype
+                out = torch.addmm(flat.to(low_rank.dtype), low_rank.reshape(-1, self.r), self.lora_B.T)
+            out = out.to(base.dtype)
         out = out.view(base.shape)
-        if self.decomposed:
-            scale = (self.magnitude / self._norm_for_forward().to(self.magnitude.dtype)).to(out.dtype)
-            return out * scale if bias is None else torch.addcmul(bias, out, scale)
-        return out if bias is None else out + bias
+        if not self.decomposed:
+            return out
+        norm = self._norm_for_forward()
+        scale = (self.magnitude.to(norm.dtype) / norm).to(out.dtype)
+        bias = self._bias()
+        if bias is None:
+            return out * scale
+        # (m/n) ⊙ (W0 x + ΔW x) + b, written around the biased base output: out·scale + b·(1 − scale).
+        return torch.addcmul(bias.to(out.dtype) * (1 - scale), out, scale)
 
     # ---- merge --------------------------------------------------------------------------------------------------
+    def _merge_dtype(self) -> torch.dtype:
+        return _accumulation_dtype(torch.promote_types(self.base_weight().dtype, self.lora_A.dtype))
+
+    def _magnitude_scale(self) -> Tensor:
+        """``m / n`` per output row, in the merge dtype (at least float32)."""
+        norm = self.weight_norm()
+        return self.magnitude.to(norm.dtype) / norm
+
     def merged_weight(self) -> Tensor:
-        """The single ``(out, in)`` weight equivalent to this layer (without bias)."""
+        """The single ``(out, in)`` weight equivalent to this layer (without bias), in the base weight's dtype.
+
+        Computed in at least float32 and rounded once to the base dtype, so a bf16 model stays bf16."""
         weight = self.base_weight()
         if self.merged:
             return weight.detach().clone()
-        adapted = weight + self.delta_weight()
-        if self.decomposed:
-            adapted = adapted * (self.magnitude / self.weight_norm()).to(adapted.dtype).unsqueeze(1)
-        return adapted.detach()
+        acc = self._merge_dtype()
+        with _full_precision_region(weight.device):
+            adapted = weight.to(acc) + self.delta_weight().to(acc)
+            if self.decomposed:
+                adapted = adapted * self._magnitude_scale().to(acc).unsqueeze(1)
+        return adapted.to(weight.dtype).detach()
 
     @torch.no_grad()
     def merge(self) -> bool:
-        """Fold the adapter into ``weight``. Returns False (and changes nothing) when already merged."""
+        """Fold the adapter into ``weight``. Returns False (and changes nothing) when already merged.
+
+        Raises:
+            ValueError: the result would be non-finite, or (DoRA) ``m / n`` is zero or non-finite for a row.
+        """
         if self.merged:
             return False
         scale = None
         if self.decomposed:
-            scale = (self.magnitude / self.weight_norm()).to(self.base_weight().dtype)
+            with _full_precision_region(self.base_weight().device):
+                scale = self._magnitude_scale().to(self._merge_dtype())
             if not torch.all(torch.isfinite(scale)) or torch.any(scale == 0):
                 raise ValueError("cannot merge: magnitude / norm is zero or non-finite for some output rows")
         merged = self.merged_weight()
@@ -270,7 +342,7 @@ class AdapterLayer(nn.Module):
         self._set_base_weight(merged)
         self._merge_scale = scale
         self.merged = True
-        self._norm_cache = None
+        self._invalidate_caches()
         return True
 
     @torch.no_grad()
@@ -279,15 +351,18 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return False
         weight = self.base_weight()
-        if self.decomposed:
-            if self._merge_scale is None:
-                raise RuntimeError("merged DoRA layer has no stored merge scale; cannot unmerge")
-            weight = weight / self._merge_scale.unsqueeze(1)
-        restored = weight - self.delta_weight()
+        acc = self._merge_dtype()
+        with _full_precision_region(weight.device):
+            restored = weight.to(acc)
+            if self.decomposed:
+                if self._merge_scale is None:
+                    raise RuntimeError("merged DoRA layer has no stored merge scale; cannot unmerge")
+                restored = restored / self._merge_scale.to(acc).unsqueeze(1)
+            restored = restored - self.delta_weight().to(acc)
         self._set_base_weight(restored)
         self._merge_scale = None
         self.merged = False
-        self._norm_cache = None
+        self._invalidate_caches()
         return True
 
     def make_base_module(self) -> nn.Module:
@@ -295,13 +370,31 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     # Merge state is serialised with the state dict, so a saved merged model cannot be merged twice after loading.
-    def get_extra_state(self) -> dict:
-        return {"merged": self.merged, "merge_scale": self._merge_scale}
+    # It is one float64 tensor, ``[merged, *merge_scale]``, because safetensors (and so ``save_pretrained`` and
+    # transformers' Trainer checkpoints) store tensors only; float64 holds an fp32 / fp64 scale exactly.
+    def get_extra_state(self) -> Tensor:
+        flag = torch.tensor([1.0 if self.merged else 0.0], dtype=torch.float64)
+        if self._merge_scale is None:
+            return flag
+        return torch.cat([flag, self._merge_scale.detach().to(device="cpu", dtype=torch.float64)])
 
-    def set_extra_state(self, state: dict) -> None:
-        self.merged = bool(state.get("merged", False))
-        self._merge_scale = state.get("merge_scale")
-        self._norm_cache = None
+    def set_extra_state(self, state: Tensor | dict) -> None:
+        if isinstance(state, dict):  # written by loralib 0.1.0
+            merged, scale = bool(state.get("merged", False)), state.get("merge_scale")
+        else:
+            state = torch.as_tensor(state)
+            if state.ndim != 1 or state.numel() not in (1, 1 + self.base_weight().shape[0]):
+                raise ValueError(
+                    f"{type(self).__name__}: saved merge state has shape {tuple(state.shape)}, expected (1,) or "
+                    f"({1 + self.base_weight().shape[0]},); it was saved from another layer"
+                )
+            merged, scale = bool(state[0].item()), (state[1:] if state.numel() > 1 else None)
+        if merged and self.decomposed and scale is None:
+            raise ValueError(f"{type(self).__name__}: saved state says merged but holds no merge scale")
+        weight = self.base_weight()
+        self.merged = merged
+        self._merge_scale = None if scale is None else scale.to(device=weight.device, dtype=self._merge_dtype())
+        self._invalidate_caches()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -339,13 +432,13 @@ class LoRALinear(AdapterLayer, nn.Linear):
         return self.weight
 
     def _set_base_weight(self, weight_out_in: Tensor) -> None:
-        self.weight.data.copy_(weight_out_in)
+        self.weight.copy_(weight_out_in)
 
-    def _base_matmul(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def _adapter_input(self, x: Tensor) -> Tensor:
-        return F.linear(self.lora_dropout(x), self.lora_A)
+        return F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
 
     def make_base_module(self) -> nn.Linear:
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -391,13 +484,14 @@ class LoRAConv1D(AdapterLayer, Conv1D):
         return self.weight.T
 
     def _set_base_weight(self, weight_out_in: Tensor) -> None:
-        self.weight.data.copy_(weight_out_in.T)
+        self.weight.copy_(weight_out_in.T)
 
-    def _base_matmul(self, x: Tensor) -> Tensor:
-        return x @ self.weight
+    def _base_forward(self, x: Tensor) -> Tensor:
+        # Conv1D.forward's own kernel (addmm with the bias), with reshape so that non-contiguous inputs work too.
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
 
     def _adapter_input(self, x: Tensor) -> Tensor:
-        return F.linear(self.lora_dropout(x), self.lora_A)
+        return F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
 
     def make_base_module(self) -> Conv1D:
         with torch.device("meta"):
@@ -423,6 +517,8 @@ class LoRAEmbedding(AdapterLayer, nn.Embedding):
     """``nn.Embedding`` with a LoRA adapter. Seen as a linear map of one-hot ids, ``W0 = weightᵀ`` is
     ``(embedding_dim, num_embeddings)``; ``lora_A`` is ``(r, num_embeddings)``, ``lora_B`` ``(embedding_dim, r)``.
     Dropout is never applied (the input is token ids)."""
+
+    _base_op_autocasts = False
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, *, r: int, padding_idx: int | None = None, **adapter_kwargs
@@ -460,12 +556,12 @@ class LoRAEmbedding(AdapterLayer, nn.Embedding):
         return self.weight.T
 
     def _set_base_weight(self, weight_out_in: Tensor) -> None:
-        self.weight.data.copy_(weight_out_in.T)
+        self.weight.copy_(weight_out_in.T)
 
     def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
         return F.embedding(ids, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
 
-    def _base_matmul(self, x: Tensor) -> Tensor:
+    def _base_forward(self, x: Tensor) -> Tensor:
         return self._embed(x, self.weight)
 
     def _adapter_input(self, x: Tensor) -> Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,8 @@ from .layers import (
 )
 
 METHODS = ("lora", "dora", "bidora")
+#: ``target_modules`` shorthand: every Linear / Conv1D but the output head (see :func:`target_module_names`).
+ALL_LINEAR = "all-linear"
 
 # (method, base type) -> adapter class. Checked once at injection time, never in a forward.
 _LAYER_CLASSES: dict[str, list[tuple[type[nn.Module], type[AdapterLayer]]]] = {
@@ -33,6 +37,9 @@ _LAYER_CLASSES: dict[str, list[tuple[type[nn.Module], type[AdapterLayer]]]] = {
 }
 
 _CONFIG_ATTR = "_loralib_adapter_config"
+#: The key under which the adapter config is stored in a transformers model's ``config`` (and so in ``config.json``
+#: written by ``save_pretrained``); ``loralib.from_pretrained`` reads it back.
+CONFIG_KEY = "loralib_adapter_config"
 
 
 @dataclass
@@ -44,12 +51,20 @@ class AdapterConfig:
         r: rank of the update ``B A``.
         lora_alpha: scale numerator; the update is multiplied by ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
         lora_dropout: dropout on the adapter input only, in [0, 1).
-        target_modules: module-name suffixes (``"query"`` matches ``...attention.self.query``), or a single regex
-            string that must match the full module name.
+        target_modules: module-name suffixes (``"query"`` matches ``...attention.self.query``), a single regex
+            string that must match the full module name, or ``"all-linear"``: every ``nn.Linear`` and transformers
+            ``Conv1D`` except the output head and the ``modules_to_save`` (see :func:`target_module_names`).
         modules_to_save: module-name suffixes kept trainable without an adapter (e.g. the task head).
         use_rslora: scale by ``lora_alpha / sqrt(r)``.
         init_lora_weights: ``"kaiming"`` (uniform, like ``nn.Linear``) or ``"gaussian"`` for ``lora_A``.
         detach_norm: treat the row norm as a constant in backward (the DoRA paper's cheaper approximation).
+        autocast_adapter_dtype: on a float16 / bfloat16 base, create ``lora_A``, ``lora_B`` and ``magnitude`` in
+            float32 (PEFT's default; half-precision adapters train poorly). False keeps the base dtype. An explicit
+            ``model.half()`` / ``model.to(dtype)`` afterwards converts the adapters too.
+        rank_pattern: per-module ranks overriding ``r``, ``{key: rank}``. As in PEFT, ``key`` is a regex matched
+            against the end of the module name at a dot boundary, ``re.match(rf"(.*\\.)?({key})$", name)``; the
+            first matching key (in dict order) wins. E.g. ``{"layer.0.attention.self.query": 16}``.
+        alpha_pattern: per-module ``lora_alpha`` overriding ``lora_alpha``, ``{key: alpha}``, same matching rule.
     """
 
     method: str = "bidora"
@@ -61,6 +76,9 @@ class AdapterConfig:
     use_rslora: bool = False
     init_lora_weights: str = "kaiming"
     detach_norm: bool = False
+    autocast_adapter_dtype: bool = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -77,7 +95,9 @@ class AdapterConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.init_lora_weights not in ("kaiming", "gaussian"):
             raise ValueError(f"init_lora_weights must be 'kaiming' or 'gaussian', got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, str):
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR
+        elif isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
             except re.error as err:
@@ -89,6 +109,29 @@ class AdapterConfig:
                     f"target_modules must be a non-empty list of names or a regex, got {self.target_modules!r}"
                 )
         self.modules_to_save = list(self.modules_to_save)
+        self.rank_pattern = _validated_pattern("rank_pattern", self.rank_pattern, integer=True)
+        self.alpha_pattern = _validated_pattern("alpha_pattern", self.alpha_pattern, integer=False)
+
+    def rank_for(self, name: str) -> int:
+        """The rank of module ``name``: the first matching ``rank_pattern`` entry, else ``r``."""
+        key = pattern_key(name, self.rank_pattern)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, name: str) -> float:
+        """The ``lora_alpha`` of module ``name``: the first matching ``alpha_pattern`` entry, else ``lora_alpha``."""
+        key = pattern_key(name, self.alpha_pattern)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    @classmethod
+    def from_peft(cls, peft_config: object, *, detach_norm: bool = False) -> AdapterConfig:
+        """The loralib config equivalent to a PEFT ``LoraConfig`` (or its dict, as in ``adapter_config.json``).
+
+        See :func:`loralib.peft_compat.adapter_config_from_peft` (options loralib cannot represent raise
+        ValueError naming the option). Imported DoRA trains with loralib's exact gradients unless ``detach_norm``.
+        """
+        from .peft_compat import adapter_config_from_peft
+
+        return adapter_config_from_peft(peft_config, detach_norm=detach_norm)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,13 +146,133 @@ class AdapterConfig:
 
 
 def matches_module_name(name: str, patterns: list[str] | str) -> bool:
-    """True when ``name`` ends with one of the suffixes ``patterns`` (at a dot), or fully matches the regex."""
+    """True when ``name`` ends with one of the suffixes ``patterns`` (at a dot), or fully matches the regex.
+
+    ``"all-linear"`` is not a name pattern (it depends on module types): use :func:`target_module_names`.
+    """
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _adapter_class(method: str, module: nn.Module, name: str) -> type[AdapterLayer]:
+def pattern_key(name: str, pattern: dict[str, object]) -> str | None:
+    """The first key of ``pattern`` (a ``rank_pattern`` / ``alpha_pattern``) matching module ``name``, or None.
+
+    A key matches when ``re.match(rf"(.*\\.)?({key})$", name)`` does (PEFT's rule): the key is a regex for the end
+    of the name, starting at a dot boundary (``"query"`` matches ``...self.query``, not ``...self.subquery``).
+    """
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _validated_pattern(label: str, pattern: object, integer: bool) -> dict:
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{label} must be a dict {{module-name regex: value}}, got {pattern!r}")
+    what = "positive integer" if integer else "positive number"
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{label} keys must be non-empty strings, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"{label} key {key!r} is not a valid regex: {err}") from None
+        bad_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+        if bad_type or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{label}[{key!r}] must be a {what}, got {value!r}")
+    return dict(pattern)
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """The name of the module producing the model's outputs, which ``target_modules="all-linear"`` leaves out.
+
+    * ``model.get_output_embeddings()`` when the model defines one (the LM head: GPT-2's ``lm_head``);
+    * otherwise, for a transformers task model (``model.base_model`` is a sub-module), the last ``nn.Linear`` /
+      ``Conv1D`` registered outside ``base_model``: the final projection of the task head (RoBERTa's
+      ``classifier.out_proj``, BERT's ``classifier``, GPT-2's ``score``, ``qa_outputs``);
+    * otherwise (a base model such as ``RobertaModel``, a plain ``nn.Module``): None.
+    """
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if isinstance(head, nn.Module):
+        for name, module in model.named_modules():
+            if module is head:
+                return name or None
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    inside_base = {id(m) for m in base.modules()}
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in inside_base:
+            last = name
+    return last
+
+
+def target_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The names of the modules :func:`apply_adapters` adapts for ``config``, in ``named_modules`` order.
+
+    A list ``target_modules`` matches name suffixes, a string is a full-match regex (:func:`matches_module_name`).
+    ``"all-linear"`` selects every ``nn.Linear`` and transformers ``Conv1D`` except (1) the output head
+    (:func:`output_head_name`), (2) modules inside ``modules_to_save`` and (3) the linear children of modules that
+    read their weight directly (``nn.MultiheadAttention.out_proj``). PEFT 0.21 differs only in (1): it leaves out
+    the ``get_output_embeddings()`` module, and for ``task_type="SEQ_CLS"`` a top-level ``classifier`` / ``score``
+    *when that is itself a Linear*, so without ``modules_to_save`` it adapts RoBERTa's ``classifier.out_proj`` (and
+    BERT's ``classifier`` when task_type is unset); loralib never adapts the head's final projection.
+    """
+    if config.target_modules != ALL_LINEAR:
+        return [n for n, _ in model.named_modules() if n and matches_module_name(n, config.target_modules)]
+    head = output_head_name(model)
+    saved = [n for n, _ in model.named_modules() if n and matches_module_name(n, config.modules_to_save)]
+    skipped_parents = [n for n, m in model.named_modules() if isinstance(m, _PARENTS_READING_CHILD_WEIGHTS)]
+    names = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, (nn.Linear, Conv1D)) or name == head:
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
+            continue
+        if any(not p or name.startswith(p + ".") for p in skipped_parents):
+            continue
+        names.append(name)
+    return names
+
+
+# Modules that read a child's ``weight`` themselves instead of calling the child: an adapter there would never run.
+# nn.MultiheadAttention passes ``out_proj.weight`` to F.multi_head_attention_forward; the Transformer layers' fused
+# inference path passes ``linear1.weight`` / ``linear2.weight`` (and the attention's) to one kernel.
+_PARENTS_READING_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+_SUPPORTED = "floating-point nn.Linear, transformers Conv1D and nn.Embedding (LoRA/DoRA) layers"
+
+
+def _quantised_kind(module: nn.Module) -> str | None:
+    """A short description when ``module`` is a quantised layer (bitsandbytes, torch.ao), else None."""
+    module_path = type(module).__module__
+    if module_path.startswith("bitsandbytes"):
+        return f"a bitsandbytes {type(module).__name__}"
+    if ".quantized" in module_path or module_path.startswith(("torch.ao.nn.q", "torch.nn.q")):
+        return f"a torch quantised {type(module).__name__}"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        return f"a {type(module).__name__} with a {weight.dtype} weight"
+    return None
+
+
+def _adapter_class(method: str, module: nn.Module, name: str, parent: nn.Module | None) -> type[AdapterLayer]:
+    quantised = _quantised_kind(module)
+    if quantised is not None:
+        raise TypeError(
+            f"module {name!r} is {quantised}: loralib adapts only {_SUPPORTED}, not quantised layers "
+            "(load the model in float32/bfloat16/float16 instead)"
+        )
+    if isinstance(parent, _PARENTS_READING_CHILD_WEIGHTS):
+        raise TypeError(
+            f"module {name!r} sits in a {type(parent).__name__}, which reads its weight directly instead of calling "
+            "it, so an adapter there would never run; adapt other modules (e.g. write the block with nn.Linear calls)"
+        )
     for base_type, adapter_type in _LAYER_CLASSES[method]:
         if isinstance(module, base_type):
             return adapter_type
@@ -144,6 +307,11 @@ def get_adapter_config(model: nn.Module) -> AdapterConfig | None:
     return getattr(model, _CONFIG_ATTR, None)
 
 
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -158,13 +326,13 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Fals
     """
     if adapter_layers(model) or get_adapter_config(model) is not None:
         raise ValueError("this model already has adapters; apply_adapters can be called only once per model")
-    targets = [(n, m) for n, m in model.named_modules() if n and matches_module_name(n, config.target_modules)]
+    targets = [(n, model.get_submodule(n)) for n in target_module_names(model, config)]
     if not targets:
         raise ValueError(
             f"no module matched target_modules={config.target_modules!r}; "
             f"e.g. module names: {[n for n, _ in list(model.named_modules())[1:12]]}"
         )
-    plan = [(name, module, _adapter_class(config.method, module, name)) for name, module in targets]
+    plan = [(n, m, _adapter_class(config.method, m, n, _parent(model, n))) for n, m in targets]
     saved = [n for n, _ in model.named_modules() if n and matches_module_name(n, config.modules_to_save)]
     if config.modules_to_save and not saved:
         raise ValueError(f"no module matched modules_to_save={config.modules_to_save!r}")
@@ -175,14 +343,16 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Fals
     for param in model.parameters():
         param.requires_grad_(False)
     kwargs = dict(
-        lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         init_lora_weights=config.init_lora_weights,
         detach_norm=config.detach_norm,
+        autocast_adapter_dtype=config.autocast_adapter_dtype,
     )
     for name, module, cls in plan:
-        _set_submodule(model, name, cls.from_base(module, r=config.r, **kwargs))
+        # per-module rank and alpha (rank_pattern / alpha_pattern; config.r / config.lora_alpha otherwise)
+        layer = cls.from_base(module, r=config.rank_for(name), lora_alpha=config.alpha_for(name), **kwargs)
+        _set_submodule(model, name, layer)
     for name in saved:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
@@ -191,6 +361,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Fals
             if param is not None:
                 param.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
+    _record_in_hf_config(model, config)
+    _warn_on_adapters_that_never_run(model)
 
     summary = AdapterSummary(
         adapted_modules=[n for n, _, _ in plan],
@@ -299,7 +471,60 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, module)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
+    _record_in_hf_config(model, None)
     return model
+
+
+def _warn_on_adapters_that_never_run(model: nn.Module) -> None:
+    """At the model's first forward, warn about adapted layers whose forward did not run (a parent that reads their
+    weight itself, or a branch the model never takes): training would leave them, silently, at zero. The hooks are
+    removed after that first forward, so later forwards pay nothing."""
+    check = _FirstForwardCheck(model)
+    check.handles = [layer.register_forward_hook(check.saw(name)) for name, layer in adapter_layers(model)]
+    check.handles.append(model.register_forward_hook(check))
+
+
+class _FirstForwardCheck:
+    """Forward hooks of :func:`_warn_on_adapters_that_never_run` (a class, so that a hooked model still pickles)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ran: set[str] = set()
+        self.handles: list = []
+
+    def saw(self, name: str) -> _LayerRan:
+        return _LayerRan(self.ran, name)
+
+    def __call__(self, *_) -> None:
+        for handle in self.handles:
+            handle.remove()
+        idle = [name for name, _ in adapter_layers(self.model) if name not in self.ran]
+        if idle:
+            warnings.warn(
+                f"{len(idle)} adapted layer(s) did not run in the model's first forward: {idle[:5]}"
+                f"{' ...' if len(idle) > 5 else ''}. Their adapters get no gradient and change nothing; check that "
+                "the model calls these modules (some parents read a child's weight directly).",
+                stacklevel=2,
+            )
+
+
+class _LayerRan:
+    def __init__(self, ran: set[str], name: str) -> None:
+        self.ran, self.name = ran, name
+
+    def __call__(self, *_) -> None:
+        self.ran.add(self.name)
+
+
+def _record_in_hf_config(model: nn.Module, config: AdapterConfig | None) -> None:
+    """Store (or, with None, remove) the adapter config in ``model.config`` so that ``save_pretrained`` writes it."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "to_dict"):
+        return
+    if config is not None:
+        setattr(hf_config, CONFIG_KEY, config.to_dict())
+    elif hasattr(hf_config, CONFIG_KEY):
+        delattr(hf_config, CONFIG_KEY)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

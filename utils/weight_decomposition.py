@@ -154,8 +154,10 @@ def load_snapshot(step_dir: str | Path, base: dict[str, np.ndarray]) -> tuple[st
         config = json.load(fh)
     try:
         method = str(config["config"]["method"]).lower()
-        scaling = float(config["scaling"])
-    except (KeyError, TypeError, ValueError) as err:
+        # per-module scaling (rank_pattern / alpha_pattern) when saved; "scaling" is None when it is not uniform
+        module_scaling = {str(k): float(v) for k, v in (config.get("module_scaling") or {}).items()}
+        scaling = None if config.get("scaling") is None and module_scaling else float(config["scaling"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{config_path}: needs 'scaling' and 'config': {{'method': ...}} ({err})") from err
     if method not in {"lora", "dora", "bidora"}:
         raise ValueError(f"{config_path}: unknown method {method!r}")
@@ -166,7 +168,10 @@ def load_snapshot(step_dir: str | Path, base: dict[str, np.ndarray]) -> tuple[st
         if b is None or b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"{step_dir}: {module}: lora_B missing or not (out, r) for lora_A (r, in)")
         w0 = _base_of(base, module, (b.shape[0], a.shape[1]), step_dir)
-        v = w0 + scaling * (b @ a)
+        s = module_scaling.get(module, scaling)
+        if s is None:
+            raise ValueError(f"{step_dir}: {module}: not in the config's module_scaling")
+        v = w0 + s * (b @ a)
         magnitude = tensors.get(f"{module}.magnitude")
         if method == "lora":
             if magnitude is not None:
