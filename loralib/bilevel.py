@@ -40,7 +40,7 @@ from betty.utils import neg_with_none, replace_none_with_zero
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .model import orthogonality_penalty
+from .model import allow_joint_magnitude_training, orthogonality_penalty
 
 HYPERGRADIENTS = ("darts", "neumann", "cg", "first_order")
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -458,6 +458,8 @@ def build_engine(
     if hypergradient not in HYPERGRADIENTS:
         raise ValueError(f"hypergradient must be one of {HYPERGRADIENTS}, got {hypergradient!r}")
     bilevel = len(upper_params) > 0
+    if bilevel:  # the magnitudes need gradients in the forward passes (the upper problem's), never a lower step
+        allow_joint_magnitude_training(model)
     lower_config = Config(
         type=_BETTY_TYPE[hypergradient],
         unroll_steps=unroll_steps if bilevel else 1,

@@ -95,6 +95,10 @@ class AdapterLayer(nn.Module):
     #: Whether autocast changes the base op's output dtype (matmuls: yes; embedding lookups: no). When it does not,
     #: the adapter's add runs outside autocast too, so the layer returns the dtype the pretrained layer returns.
     _base_op_autocasts: bool = True
+    #: BiDoRA: the magnitude belongs to the upper level; a training forward in which it needs a gradient is refused
+    #: unless ``joint_magnitude_training`` is set (the bi-level trainer's upper step, or an explicit custom loop).
+    magnitude_is_upper_level: bool = False
+    joint_magnitude_training: bool = False
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
@@ -290,6 +294,8 @@ class AdapterLayer(nn.Module):
         out = out.view(base.shape)
         if not self.decomposed:
             return out
+        if self.magnitude_is_upper_level and self.training and self.magnitude.requires_grad:
+            self._check_joint_magnitude_training()
         norm = self._norm_for_forward()
         scale = (self.magnitude.to(norm.dtype) / norm).to(out.dtype)
         bias = self._bias()
@@ -297,6 +303,14 @@ class AdapterLayer(nn.Module):
             return out * scale
         # (m/n) ⊙ (W0 x + ΔW x) + b, written around the biased base output: out·scale + b·(1 − scale).
         return torch.addcmul(bias.to(out.dtype) * (1 - scale), out, scale)
+
+    def _check_joint_magnitude_training(self) -> None:
+        if torch.is_grad_enabled() and not self.joint_magnitude_training:
+            raise RuntimeError(
+                "a BiDoRA layer is training its magnitude together with its direction, which is DoRA, not BiDoRA: "
+                "train BiDoRA models with loralib.BiDoRATrainer (the magnitudes are its upper level). A custom loop "
+                "that means to train both jointly says so with loralib.allow_joint_magnitude_training(model)."
+            )
 
     # ---- merge --------------------------------------------------------------------------------------------------
     def _merge_dtype(self) -> torch.dtype:
@@ -458,6 +472,7 @@ class BiDoRALinear(DoRALinear):
     """DoRA math; ``magnitude`` is trained by the upper level of the bi-level problem (see ``loralib.bilevel``)."""
 
     method = "bidora"
+    magnitude_is_upper_level = True
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -508,6 +523,7 @@ class DoRAConv1D(LoRAConv1D):
 
 class BiDoRAConv1D(DoRAConv1D):
     method = "bidora"
+    magnitude_is_upper_level = True
 
 
 # ------------------------------------------------------------------------------------------------------------------

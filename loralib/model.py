@@ -6,7 +6,8 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -413,6 +414,28 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     if not layers:
         raise ValueError("orthogonality_penalty needs DoRA/BiDoRA layers; the model has none")
     return torch.stack([layer.orthogonality_distance() for layer in layers]).sum() / len(layers)
+
+
+def allow_joint_magnitude_training(model: nn.Module, allow: bool = True) -> None:
+    """Let (or, with ``allow=False``, stop letting) a BiDoRA model's magnitudes train in the same step as its
+    directions. BiDoRA layers refuse that by default, so that a BiDoRA model handed to a plain training loop (e.g.
+    ``transformers.Trainer``) fails instead of silently training as DoRA; a loop that really means it calls this."""
+    for _, layer in adapter_layers(model):
+        layer.joint_magnitude_training = bool(allow)
+
+
+@contextmanager
+def joint_magnitude_training(model: nn.Module) -> Iterator[None]:
+    """Inside, BiDoRA layers accept a forward in which the magnitudes need a gradient (the upper-level step)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    before = [layer.joint_magnitude_training for layer in layers]
+    for layer in layers:
+        layer.joint_magnitude_training = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.joint_magnitude_training = value
 
 
 def reset_directions(model: nn.Module) -> None:

@@ -55,6 +55,7 @@ def build(method: str, kind: str, dropout: float, seed: int = 0):
     w0 = w0_of(kind, base)
     cls = dict(_LAYER_CLASSES[method])[type(base) if kind != "embedding" else nn.Embedding]
     layer = cls.from_base(base, r=R, lora_alpha=ALPHA, lora_dropout=dropout)
+    layer.joint_magnitude_training = True  # these tests differentiate the layer in every parameter
     with torch.no_grad():  # a non-zero update so the adapter path is exercised
         layer.lora_B.normal_()
         if layer.decomposed:
@@ -151,13 +152,13 @@ def test_forward_uses_w0_not_its_transpose():
     """Regression for the original code, which computed x·W0 instead of x·W0ᵀ."""
     torch.manual_seed(0)
     square = nn.Linear(6, 6).double()
-    layer = loralib.BiDoRALinear.from_base(square, r=2, lora_alpha=4.0)
+    layer = loralib.BiDoRALinear.from_base(square, r=2, lora_alpha=4.0).eval()
     x = torch.randn(3, 6, dtype=torch.float64)
     correct = x @ square.weight.detach().T + square.bias.detach()
     transposed = x @ square.weight.detach() + square.bias.detach()
     assert not torch.allclose(correct, transposed)
     torch.testing.assert_close(layer(x), correct, rtol=1e-12, atol=1e-12)
-    wide = loralib.BiDoRALinear.from_base(nn.Linear(6, 9).double(), r=2)  # W0ᵀ would not even fit
+    wide = loralib.BiDoRALinear.from_base(nn.Linear(6, 9).double(), r=2).eval()  # W0ᵀ would not even fit
     assert wide(x).shape == (3, 9)
 
 
@@ -167,6 +168,7 @@ def test_detach_norm_changes_only_gradients(method):
     base = nn.Linear(IN, OUT).double()
     exact = dict(_LAYER_CLASSES[method])[nn.Linear].from_base(base, r=R)
     cheap = dict(_LAYER_CLASSES[method])[nn.Linear].from_base(base, r=R, detach_norm=True)
+    exact.joint_magnitude_training = cheap.joint_magnitude_training = True
     with torch.no_grad():
         cheap.lora_A.copy_(exact.lora_A)
         exact.lora_B.normal_()
@@ -217,6 +219,7 @@ def test_no_graph_breaks_in_adapter_layers(method):
     loralib.apply_adapters(
         model, loralib.AdapterConfig(method=method, r=2, target_modules=["0", "2"], lora_dropout=0.1)
     )
+    loralib.allow_joint_magnitude_training(model)  # the BiDoRA guard must not break the graph either
     x = torch.randn(2, 8)
     for mode in (model.train, model.eval):
         mode()

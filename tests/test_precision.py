@@ -33,6 +33,7 @@ def build(method, kind, dtype, perturb=False, **kw):
     base = make_base(kind).to(dtype)
     base.requires_grad_(False)  # frozen, as apply_adapters leaves it
     layer = adapter_class(method, base).from_base(base, r=R, lora_alpha=6.0, **kw)
+    layer.joint_magnitude_training = True  # differentiated in every parameter here
     if perturb:
         with torch.no_grad():
             layer.lora_B.normal_()
@@ -163,6 +164,7 @@ def test_bf16_model_with_fp32_adapters_end_to_end(method):
     model = tiny_roberta(dtype=torch.bfloat16).eval()
     cfg = loralib.AdapterConfig(method=method, target_modules=["query", "value", "intermediate.dense"])
     loralib.apply_adapters(model, cfg)
+    loralib.allow_joint_magnitude_training(model)
     batch = token_batch()
     assert torch.equal(model(**batch).logits, base(**batch).logits)
     model.train()

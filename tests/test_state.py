@@ -218,3 +218,33 @@ def test_a_model_that_runs_every_adapter_is_not_flagged():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         outputs(model, "roberta")
+
+
+def test_bidora_refuses_a_training_step_that_would_train_magnitudes_jointly():
+    """A BiDoRA model handed to a plain loop (transformers.Trainer) would silently train as DoRA."""
+    model = build("roberta", "bidora", ["query", "value"]).train()
+    with pytest.raises(RuntimeError, match="loralib.BiDoRATrainer"):
+        outputs(model, "roberta")
+    with torch.no_grad():  # inference, and evaluation in train mode without gradients, are fine
+        outputs(model, "roberta")
+    model.eval()
+    outputs(model, "roberta")
+    for p in loralib.magnitude_parameters(model):
+        p.requires_grad_(False)  # magnitudes frozen (BiDoRA's retraining phase): fine
+    outputs(model.train(), "roberta").sum().backward()
+    for p in loralib.magnitude_parameters(model):
+        p.requires_grad_(True)
+    loralib.allow_joint_magnitude_training(model)  # a custom loop that says so
+    outputs(model, "roberta").sum().backward()
+    assert all(p.grad is not None for p in loralib.magnitude_parameters(model))
+
+
+def test_bidora_under_a_plain_trainer_fails_naming_bidora_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from tests.test_hf_trainer import Tokens
+
+    model = build("roberta", "bidora", ["query", "value"], dtype=torch.float32)
+    args = TrainingArguments(str(tmp_path), max_steps=2, report_to="none", use_cpu=True, disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="BiDoRATrainer"):
+        Trainer(model=model, args=args, train_dataset=Tokens()).train()
