@@ -41,6 +41,8 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "AdapterSummary",
+    "BiDoRATrainer",
+    "BiDoRATrainingArguments",
     "BiDoRAConv1D",
     "BiDoRALinear",
     "DoRAConv1D",
@@ -71,3 +73,16 @@ __all__ = [
     "saved_module_parameters",
     "unmerge_adapters",
 ]
+
+
+def __getattr__(name: str):
+    # The trainer pulls in transformers.Trainer and accelerate: import it only when asked for.
+    if name == "BiDoRATrainer":
+        from .bidora_trainer import BiDoRATrainer
+
+        return BiDoRATrainer
+    if name == "BiDoRATrainingArguments":
+        from .training_args import BiDoRATrainingArguments
+
+        return BiDoRATrainingArguments
+    raise AttributeError(f"module 'loralib' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,9 +38,10 @@ from betty.logging.logger_base import get_logger as betty_logger
 from betty.problems import ImplicitProblem
 from betty.utils import neg_with_none, replace_none_with_zero
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
-from .model import allow_joint_magnitude_training, orthogonality_penalty
+from .model import allow_joint_magnitude_training, joint_magnitude_training, orthogonality_penalty
 
 HYPERGRADIENTS = ("darts", "neumann", "cg", "first_order")
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -91,7 +92,7 @@ def _conjugate_gradient(vector, curr, prev, sync):
     for _ in range(curr.config.cg_iterations):
         if rs.item() == 0.0:
             break
-        hp = torch.autograd.grad(in_grad, params, grad_outputs=p, retain_graph=True)
+        hp = mean_over_processes(torch.autograd.grad(in_grad, params, grad_outputs=p, retain_graph=True))
         curvature = _dot(p, hp)
         if curvature.item() <= 0.0:
             break
@@ -108,7 +109,43 @@ def _conjugate_gradient(vector, curr, prev, sync):
     return torch.autograd.grad(in_grad, prev.trainable_parameters(), grad_outputs=x, allow_unused=True)
 
 
+def _neumann(vector, curr, prev, sync):
+    """Implicit term ``−∂²L_tr/∂λ∂θ · H⁻¹ v`` with ``H⁻¹ v ≈ α Σ_{k=0..K} (I − αH)^k v`` (``K = neumann_iterations``,
+    ``α = neumann_alpha``; converges for ``α < 2 / λ_max(H)``). Betty's own, except that under data parallelism
+    each Hessian-vector product is averaged over the processes: the series of the global batch's Hessian."""
+    params = curr.trainable_parameters()
+    in_loss = curr.training_step_exec(curr.cur_batch)
+    in_grad = torch.autograd.grad(in_loss, params, create_graph=True)
+    alpha = curr.config.neumann_alpha
+    term = [v.detach() for v in vector]
+    total = list(term)
+    for _ in range(curr.config.neumann_iterations):
+        hvp = mean_over_processes(torch.autograd.grad(in_grad, params, grad_outputs=term, retain_graph=True))
+        term = [t - alpha * h for t, h in zip(term, hvp)]
+        total = [s + t for s, t in zip(total, term)]
+    weights = [-alpha * s for s in total]
+    if sync:
+        torch.autograd.backward(in_grad, inputs=prev.trainable_parameters(), grad_tensors=weights)
+        return None
+    return torch.autograd.grad(in_grad, prev.trainable_parameters(), grad_outputs=weights, allow_unused=True)
+
+
+def mean_over_processes(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The element-wise mean of ``tensors`` over the processes of a data-parallel run (unchanged in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        if t is not None:
+            t = t.detach().clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(dist.get_world_size())
+        out.append(t)
+    return out
+
+
 betty_hypergradient.jvp_fn_mapping["loralib_darts"] = _exact_darts
+betty_hypergradient.jvp_fn_mapping["loralib_neumann"] = _neumann
 betty_hypergradient.jvp_fn_mapping["loralib_cg"] = _conjugate_gradient
 _BETTY_TYPE = {"darts": "loralib_darts", "neumann": "neumann", "cg": "loralib_cg", "first_order": "loralib_darts"}
 
@@ -507,3 +544,142 @@ def build_engine(
         dependencies["u2l"] = {} if hypergradient == "first_order" else {upper: [lower]}
     config = EngineConfig(train_iters=0, valid_step=10**12, logger_type="none", strategy=strategy, backend=backend)
     return LoralibEngine(problems, config, dependencies, device=torch.device(device))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The two levels as driven by transformers' Trainer (loralib.BiDoRATrainer): the Trainer's loop takes the lower
+# (direction) steps with its own optimiser; after every ``unroll_steps`` of them :meth:`UpperLevel.step` takes one
+# magnitude step through Betty's hypergradient. No Betty Engine: its loop is the Trainer's.
+# ------------------------------------------------------------------------------------------------------------------
+_TRAINER_BETTY_TYPE = {"darts": "loralib_darts", "neumann": "loralib_neumann", "cg": "loralib_cg"}
+
+
+class LowerLevel(ImplicitProblem):
+    """Betty's view of the lower problem: the direction parameters (lora_A, lora_B, head) and their loss
+    ``task_loss(batch) + extra_loss()`` on the lower batch the Trainer last stepped on (``cur_batch``).
+
+    The hypergradients evaluate this loss (darts twice, at ``θ ± εv``; neumann and cg through its Hessian) under the
+    per-step seed ``batch_seed``, so every evaluation sees the same dropout masks.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        task_loss: Callable[[dict], torch.Tensor],
+        extra_loss: Callable[[], torch.Tensor] | None,
+        config: Config,
+        device: torch.device,
+    ) -> None:
+        super().__init__("direction", config, module=ParameterHolder(params))
+        self._params, self._task_loss, self._extra_loss = list(params), task_loss, extra_loss
+        self._strategy, self.device = "default", torch.device(device)
+        self.skip_upper_independent = False
+        self.batch_seed = 0
+
+    def trainable_parameters(self):
+        return self._params
+
+    def parameters(self):
+        return self._params
+
+    def training_step(self, batch):
+        # neumann / cg differentiate this loss twice: fused attention kernels have no double backward, the
+        # math kernel computes the same attention and has one.
+        second_order = self.config.type in ("loralib_neumann", "loralib_cg")
+        kernels = sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext()
+        with seeded_rng(self.batch_seed, self.device), kernels:
+            loss = self._task_loss(batch)
+        if self._extra_loss is not None and not self.skip_upper_independent:
+            loss = loss + self._extra_loss()
+        return loss
+
+
+class UpperLevel(ImplicitProblem):
+    """The upper problem: the magnitude vectors, trained on held-out batches through the hypergradient
+    ``dL_up/dλ = ∂L_up/∂λ + implicit term`` (``first_order``: the direct term only).
+
+    Under data parallelism ``v = ∂L_up/∂θ``, the direct gradient and the implicit term are each averaged over the
+    processes (and neumann / cg average every Hessian-vector product), so N processes compute what one process
+    computes on the same global batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter],
+        task_loss: Callable[[dict], torch.Tensor],
+        lower: LowerLevel,
+        hypergradient: str,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        device: torch.device,
+    ) -> None:
+        if hypergradient not in HYPERGRADIENTS:
+            raise ValueError(f"hypergradient must be one of {HYPERGRADIENTS}, got {hypergradient!r}")
+        config = Config(type=lower.config.type, first_order=True, retain_graph=True, log_step=-1)
+        super().__init__("magnitude", config, module=ParameterHolder(params), optimizer=optimizer, scheduler=scheduler)
+        self.model, self._params, self._task_loss, self.lower = model, list(params), task_loss, lower
+        self.hypergradient = hypergradient
+        self._strategy, self.device = "default", torch.device(device)
+
+    def trainable_parameters(self):
+        return self._params
+
+    def parameters(self):
+        return self._params
+
+    def hypergradient_of(self, batch: dict) -> tuple[float, list[torch.Tensor]]:
+        """``(upper loss, dL_up/dλ)`` on ``batch`` at the current directions; needs ``lower.cur_batch`` set."""
+        mags, lower_params = self._params, self.lower.trainable_parameters()
+        with joint_magnitude_training(self.model), _requiring_grad(mags):
+            loss = self._task_loss(batch)
+            grads = torch.autograd.grad(loss, mags + lower_params, allow_unused=True)
+            direct = mean_over_processes(replace_none_with_zero(grads[: len(mags)], mags))
+            total = direct
+            if self.hypergradient != "first_order":
+                vector = mean_over_processes(replace_none_with_zero(grads[len(mags) :], lower_params))
+                implicit = betty_hypergradient.jvp_fn_mapping[self.lower.config.type](vector, self.lower, self, False)
+                implicit = mean_over_processes(replace_none_with_zero(implicit, mags))
+                total = [d + i for d, i in zip(direct, implicit)]
+        return float(mean_over_processes([loss.detach().float()])[0]), total
+
+    def step(self, batch: dict, step: int) -> float:
+        """One magnitude step on ``batch``; returns the upper loss. ``step`` (the lower step count) names the step in
+        the error raised for a non-finite loss or hypergradient (nothing is updated then)."""
+        loss, grads = self.hypergradient_of(batch)
+        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
+            what = f"loss {loss}" if not math.isfinite(loss) else "hypergradient"
+            raise FloatingPointError(
+                f"non-finite upper-level (magnitude) {what} at step {step}; stopping (lower the learning rates)"
+            )
+        for p, g in zip(self._params, grads):
+            p.grad = g.to(p.dtype)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+@contextmanager
+def _requiring_grad(params: Sequence[nn.Parameter]):
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, value in zip(params, before):
+            p.requires_grad_(value)
+
+
+def lower_config(hypergradient: str, darts_alpha: float, neumann_iterations: int, neumann_alpha: float,
+                 cg_iterations: int) -> Config:
+    """Betty's ``Config`` of the lower problem (Betty reads the hypergradient settings from it)."""
+    return Config(
+        type=_TRAINER_BETTY_TYPE.get(hypergradient, "loralib_darts"),
+        darts_alpha=darts_alpha,
+        neumann_iterations=neumann_iterations,
+        neumann_alpha=neumann_alpha,
+        cg_iterations=cg_iterations,
+        log_step=-1,
+    )

@@ -190,3 +190,123 @@ def test_darts_restores_lower_parameters_exactly(data):
     for _ in range(3):
         engine.step()
     assert torch.equal(toy.w.detach(), toy_before)
+
+
+# ---- the same closed forms through the Trainer-driven levels (loralib.BiDoRATrainer's UpperLevel) ---------------
+def trainer_levels(data, hypergradient, w0=None, **settings):
+    from loralib.bilevel import LowerLevel, UpperLevel, lower_config
+
+    x_lo, y_lo, x_up, y_up, m = data
+    w0 = closed_form_w(m, x_lo, y_lo) if w0 is None else w0
+    toy = Toy(w0, m)
+    defaults = dict(darts_alpha=0.01, neumann_iterations=3, neumann_alpha=1.0, cg_iterations=3)
+    config = lower_config(hypergradient, **{**defaults, **settings})
+    lower = LowerLevel([toy.w], lambda b: lower_objective(toy.w, toy.m, b["x"], b["y"]), None, config, "cpu")
+    upper = UpperLevel(
+        toy,
+        [toy.m],
+        lambda b: upper_objective(toy.w, toy.m, b["x"], b["y"]),
+        lower,
+        hypergradient,
+        torch.optim.SGD([toy.m], lr=0.0),
+        torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([toy.m], lr=0.0), lambda _: 1.0),
+        "cpu",
+    )
+    return toy, lower, upper
+
+
+def trainer_hypergradient(data, hypergradient, w0=None, **settings) -> torch.Tensor:
+    x_lo, y_lo, x_up, y_up, _ = data
+    toy, lower, upper = trainer_levels(data, hypergradient, w0=w0, **settings)
+    lower.cur_batch = {"x": x_lo, "y": y_lo}
+    _, grads = upper.hypergradient_of({"x": x_up, "y": y_up})
+    return grads[0]
+
+
+def test_trainer_path_cg_and_neumann_converge_to_exact(data):
+    exact = exact_hypergradient(data)
+    assert rel_err(trainer_hypergradient(data, "cg", cg_iterations=D), exact) < 1e-9
+    alpha = 1.0 / float(torch.linalg.eigvalsh(lower_hessian(data)).max())
+    errors = [rel_err(trainer_hypergradient(data, "neumann", neumann_iterations=k, neumann_alpha=alpha), exact)
+              for k in (1, 200)]
+    assert errors[0] > 1e-3 and errors[1] < 1e-8, errors
+
+
+def test_trainer_path_neumann_alpha_is_used(data):
+    """neumann_alpha reaches Betty's Config (run_glue used to drop it and run at 1.0, which diverges here)."""
+    lam = float(torch.linalg.eigvalsh(lower_hessian(data)).max())
+    assert lam > 2.0  # at alpha = 1 the series diverges on this problem
+    exact = exact_hypergradient(data)
+    good = rel_err(trainer_hypergradient(data, "neumann", neumann_iterations=50, neumann_alpha=1.0 / lam), exact)
+    bad = rel_err(trainer_hypergradient(data, "neumann", neumann_iterations=50, neumann_alpha=1.0), exact)
+    assert good < 1e-3 and bad > 1.0, (good, bad)
+
+
+def test_trainer_path_darts_and_first_order_match_their_definitions(data):
+    x_lo, y_lo, x_up, y_up, m = data
+    w = closed_form_w(m, x_lo, y_lo) + 0.2
+    w_ = w.clone().requires_grad_(True)
+    m_ = m.clone().requires_grad_(True)
+    direct_m, v = torch.autograd.grad(upper_objective(w_, m_, x_up, y_up), (m_, w_))
+    (grad_w,) = torch.autograd.grad(lower_objective(w_, m_, x_lo, y_lo), w_, create_graph=True)
+    (mixed,) = torch.autograd.grad(grad_w, m_, grad_outputs=v)
+    assert rel_err(trainer_hypergradient(data, "darts", w0=w, darts_alpha=1e-4), direct_m - mixed) < 1e-7
+    torch.testing.assert_close(trainer_hypergradient(data, "first_order", w0=w), direct_m, rtol=1e-12, atol=1e-14)
+
+
+def _ddp_worker(rank, world, port, data, results):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x_lo, y_lo, x_up, y_up, m = data
+        w = closed_form_w(m, x_lo, y_lo) + 0.2
+        out = {}
+        for kind, settings in CASES_DDP:
+            toy, lower, upper = trainer_levels(data, kind, w0=w, **settings)
+            lo, up = slice(rank * N_LO // world, (rank + 1) * N_LO // world), slice(
+                rank * N_UP // world, (rank + 1) * N_UP // world
+            )
+            lower.cur_batch = {"x": x_lo[lo], "y": y_lo[lo]}
+            loss, grads = upper.hypergradient_of({"x": x_up[up], "y": y_up[up]})
+            out[kind] = (loss, grads[0])
+        if rank == 0:
+            results.put(out)
+    finally:
+        dist.destroy_process_group()
+
+
+CASES_DDP = [("darts", {"darts_alpha": 1e-4}), ("neumann", {"neumann_iterations": 5, "neumann_alpha": 0.2}),
+             ("cg", {"cg_iterations": 3}), ("first_order", {})]
+
+
+def test_two_processes_compute_the_global_batch_hypergradient(data):
+    """Under data parallelism every hypergradient type equals one process on the global batch (float64, gloo):
+    v, the direct term, each Hessian-vector product and the implicit term are averaged over the processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ctx_procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, data, results)) for r in range(2)]
+    for p in ctx_procs:
+        p.start()
+    got = results.get(timeout=120)
+    for p in ctx_procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    x_lo, y_lo, x_up, y_up, m = data
+    w = closed_form_w(m, x_lo, y_lo) + 0.2
+    for kind, settings in CASES_DDP:
+        toy, lower, upper = trainer_levels(data, kind, w0=w, **settings)
+        lower.cur_batch = {"x": x_lo, "y": y_lo}
+        loss, grads = upper.hypergradient_of({"x": x_up, "y": y_up})
+        assert abs(got[kind][0] - loss) < 1e-12
+        torch.testing.assert_close(got[kind][1], grads[0], rtol=1e-10, atol=1e-12, msg=kind)

@@ -1,0 +1,209 @@
+"""BiDoRATrainer (a transformers.Trainer subclass) on tiny models: who trains what, resume, selection, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+import loralib
+from loralib import BiDoRATrainer, BiDoRATrainingArguments
+from tests.test_hf_trainer import StopAt, Tokens
+from tests.tiny_models import tiny_roberta
+
+
+def adapted(method: str, dropout: float = 0.0, seed: int = 0):
+    model = tiny_roberta(seed=seed)
+    if method != "ft":
+        loralib.apply_adapters(
+            model,
+            loralib.AdapterConfig(method=method, r=4, lora_alpha=8, lora_dropout=dropout,
+                                  target_modules=["query", "value"], modules_to_save=["classifier"]),
+        )
+    return model
+
+
+def args(out, **kw) -> BiDoRATrainingArguments:
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-3, max_steps=6, save_steps=2,
+        logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True, upper_fraction=0.25,
+    )
+    base.update(kw)
+    return BiDoRATrainingArguments(**base)
+
+
+def accuracy(pred) -> dict:
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before, model) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_bidora_trains_directions_below_magnitudes_above_and_nothing_else(tmp_path):
+    model = adapted("bidora")
+    before = snapshot(model)
+    BiDoRATrainer(model=model, args=args(tmp_path), train_dataset=Tokens()).train()
+    moved = changed(before, model)
+    trainable = {n for n in before if ".lora_" in n or "magnitude" in n or n.startswith("classifier.")}
+    assert moved == trainable  # every adapter, magnitude and head parameter moved; the frozen base is bitwise intact
+
+
+@pytest.mark.parametrize("frozen_level", ["upper", "lower"])
+def test_each_level_moves_only_its_own_parameters(tmp_path, frozen_level):
+    """Lower lr 0: only the magnitudes move (through the upper step); upper lr 0: the magnitudes never move."""
+    model = adapted("bidora")
+    before = snapshot(model)
+    kw = {"upper_learning_rate": 0.0} if frozen_level == "upper" else {"learning_rate": 0.0,
+                                                                        "upper_learning_rate": 5e-3}
+    BiDoRATrainer(model=model, args=args(tmp_path, weight_decay=0.0, **kw), train_dataset=Tokens()).train()
+    moved = changed(before, model)
+    magnitudes = {n for n in before if n.endswith("magnitude")}
+    if frozen_level == "upper":
+        assert moved and not (moved & magnitudes)
+    else:
+        assert moved == magnitudes
+
+
+@pytest.mark.parametrize("hypergradient", ["darts", "first_order", "neumann", "cg"])
+def test_resume_from_checkpoint_ends_bitwise_equal(tmp_path, hypergradient):
+    settings = dict(hypergradient=hypergradient, neumann_alpha=0.1, unroll_steps=2 if hypergradient == "cg" else 1)
+    full = adapted("bidora", dropout=0.1)
+    BiDoRATrainer(model=full, args=args(tmp_path / "full", **settings), train_dataset=Tokens()).train()
+    cut = adapted("bidora", dropout=0.1)
+    BiDoRATrainer(model=cut, args=args(tmp_path / "cut", **settings), train_dataset=Tokens(),
+                  callbacks=[StopAt(4)]).train()
+    resumed = adapted("bidora", dropout=0.1)
+    BiDoRATrainer(model=resumed, args=args(tmp_path / "cut", **settings), train_dataset=Tokens()).train(
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4")
+    )
+    end, expected = snapshot(resumed), snapshot(full)
+    for name, value in expected.items():
+        assert torch.equal(end[name], value), name
+    same_seed = adapted("bidora", dropout=0.1)
+    BiDoRATrainer(model=same_seed, args=args(tmp_path / "again", **settings), train_dataset=Tokens()).train()
+    assert all(torch.equal(p, expected[n]) for n, p in same_seed.named_parameters())  # same seed, same result
+
+
+def test_darts_evaluations_see_the_same_dropout_masks(tmp_path):
+    """With dropout, the two finite-difference evaluations must differ only by the perturbation: darts on a
+    zero-size step (darts_alpha tiny) must give a finite implicit term of the right scale, and twice the same."""
+    model = adapted("bidora", dropout=0.3)
+    trainer = BiDoRATrainer(model=model, args=args(tmp_path), train_dataset=Tokens())
+    trainer.create_optimizer()
+    trainer.create_scheduler(num_training_steps=6)
+    level = trainer.upper_level
+    batch = trainer._prepare_inputs(trainer.upper_stream.next())
+    level.lower.cur_batch = trainer._prepare_inputs(trainer.data_collator([Tokens()[i] for i in range(4)]))
+    level.lower.batch_seed = 1234
+    model.train()
+    torch.manual_seed(0)  # the upper batch's own dropout draws from the global generator, as in training
+    _, first = level.hypergradient_of(batch)
+    torch.manual_seed(0)
+    _, second = level.hypergradient_of(batch)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # a different mask per evaluation would add O(1/ε) noise: ε = 0.01/‖v‖ makes it explode past any sane size
+    assert max(float(g.abs().max()) for g in first) < 1e2
+
+
+class PoisonAt(TrainerCallback):
+    """Turns one adapter weight into NaN after a step: the next loss is NaN (what a diverging run produces)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                loralib.adapter_layers(model)[0][1].lora_B.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_good_checkpoints(tmp_path):
+    trainer = BiDoRATrainer(model=adapted("bidora"), args=args(tmp_path), train_dataset=Tokens(),
+                            callbacks=[PoisonAt(3)])
+    with pytest.raises(FloatingPointError, match=r"non-finite (lower|upper)-level .* at step [34]"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-4").exists()
+
+
+def test_selection_is_on_the_heldout_split(tmp_path):
+    model = adapted("bidora")
+    trainer = BiDoRATrainer(
+        model=model,
+        args=args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                  metric_for_best_model="accuracy"),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(n=8, seed=3),
+        compute_metrics=accuracy,
+    )
+    assert trainer.args.metric_for_best_model == "heldout_accuracy"
+    trainer.train()
+    keys = {k for row in trainer.state.log_history for k in row}
+    assert {"eval_heldout_accuracy", "eval_validation_accuracy", "upper_loss"} <= keys
+    assert trainer.state.best_model_checkpoint is not None
+    assert len(trainer.upper_dataset) == 6 and len(trainer.train_dataset) == 18
+
+
+@pytest.mark.parametrize("method", ["ft", "lora", "dora"])
+def test_baselines_train_as_under_a_plain_trainer(tmp_path, method):
+    ours, plain = adapted(method), adapted(method)
+    BiDoRATrainer(model=ours, args=args(tmp_path / "ours", upper_fraction=0.0), train_dataset=Tokens()).train()
+    plain_args = args(tmp_path / "plain", upper_fraction=0.0)
+    Trainer(model=plain, args=plain_args, train_dataset=Tokens()).train()
+    reference = snapshot(plain)
+    assert all(torch.equal(p, reference[n]) for n, p in ours.named_parameters())
+
+
+
+
+def test_bf16_darts_differences_are_taken_in_fp32(tmp_path):
+    model = adapted("bidora")
+    trainer = BiDoRATrainer(model=model, args=args(tmp_path, bf16=True, max_steps=2), train_dataset=Tokens())
+    seen: list[torch.dtype] = []
+    original = trainer._fp32_task_loss
+
+    def recording(batch):
+        handle = model.classifier.out_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        try:
+            return original(batch)
+        finally:
+            handle.remove()
+
+    trainer.train()  # builds the levels; now record what the darts evaluations run in
+    trainer.upper_level.lower._task_loss = recording
+    trainer.upper_step()
+    assert seen and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps > 1"),
+        ({"upper_fraction": 0.0}, "needs an upper split"),
+    ],
+)
+def test_unsupported_bidora_settings_are_refused(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        BiDoRATrainer(model=adapted("bidora"), args=args(tmp_path, **setting), train_dataset=Tokens())
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("upper_fraction", 1.0), ("hypergradient", "exact"), ("unroll_steps", 0), ("neumann_alpha", 0.0),
+     ("darts_alpha", -1.0), ("orth_reg", float("nan")), ("upper_learning_rate", -1.0)],
+)
+def test_bad_bilevel_arguments_name_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"BiDoRATrainingArguments.{field}"):
+        args(tmp_path, **{field: value})
+
+
+def test_plain_training_arguments_are_refused_by_name(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="BiDoRATrainingArguments"):
+        BiDoRATrainer(model=adapted("bidora"), args=TrainingArguments(str(tmp_path)), train_dataset=Tokens())
