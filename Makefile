@@ -1,4 +1,5 @@
 # Quick start (fresh machine, Python 3.10+):  make demo   |   make test
+# Runs write only under runs/; `make assets` copies the last demo / protein run's figure and summary into assets/.
 # Both create .venv on first use. TORCH_SPEC pins the CPU wheel of this project's machines; on a GPU machine use
 # e.g. `make TORCH_SPEC=torch demo` (or install your CUDA build of torch into .venv first).
 PYTHON ?= python3
@@ -7,7 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loralib-installed
 
-.PHONY: setup test lint demo bench clean
+DEMO_TASK ?= rotten_tomatoes
+DEMO_RUN ?= runs/demo/$(DEMO_TASK)
+ACP_RUN ?= runs/antiberty_acp
+
+.PHONY: setup test lint demo assets bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +35,17 @@ test: lint
 
 demo: $(STAMP)
 	bash examples/demo/run_demo.sh
+
+# The committed figures and tables the READMEs show: an explicit copy from finished runs (summary.json names the seeds),
+# of whichever of the two runs exists; `make demo` never writes here.
+assets:
+	@n=0; for pair in "$(DEMO_RUN)/summary:assets/demo_$(DEMO_TASK)" "$(ACP_RUN)/comparison:assets/antiberty_acp"; do \
+	  src="$${pair%%:*}"; dst="$${pair#*:}"; \
+	  if [ -f "$$src.png" ] && [ -f "$$src.json" ]; then \
+	    cp "$$src.png" "$$dst.png" && cp "$$src.json" "$$dst.json" && n=$$((n + 1)) && \
+	    echo "$$src.{png,json} -> $$dst.{png,json} (seeds: $$(sed -n '/"expected_seeds"/,/]/p' "$$src.json" | tr -dc '0-9,' | sed 's/,$$//'))"; \
+	  else echo "skip $$dst: no $$src.png / $$src.json (run it first)"; fi; \
+	done; [ $$n -gt 0 ] || { echo "error: nothing to copy" >&2; exit 1; }
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py

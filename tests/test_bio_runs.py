@@ -189,4 +189,4 @@ def test_esm_script_dry_run_plans_every_run(assets, tmp_path):
     ft = [r for r in runs if "--method ft" in r]
     assert all("--iterations 4" in r and "--lr 2e-5" in r and "retrain" not in r for r in ft)
     assert all("facebook/esm2_t6_8M_UR50D" in r and "configs/esm2_bbp.yaml" in r for r in runs)
-    assert "compare_methods.py" in proc.stdout and "ESTIMATE" in proc.stderr
+    assert "utils/report.py" in proc.stdout and "ESTIMATE" in proc.stderr

@@ -4,6 +4,9 @@ Pairs are (model, rank, task, seed): the same seed of the same task, model and r
 no seed pairs at all (e.g. different seed sets), the per-(model, rank, task) means over seeds are paired instead.
 Only GLUE tasks by default (the paper's claim: BiDoRA beats DoRA on GLUE, p = 2.4e-4). Differences are a − b in
 display units (percent points), oriented so that positive means `a` is better.
+
+`paired_test` is the statistic on its own (any list of paired differences, e.g. the seeds of two methods in
+utils/report.py): mean difference, its percentile bootstrap interval, and the Wilcoxon signed-rank test.
 """
 
 from __future__ import annotations
@@ -12,26 +15,77 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import wilcoxon
+from scipy.stats import bootstrap, wilcoxon
 
 # Below this many non-zero differences the exact test cannot reach p < 0.05 two-sided (2 / 2^5 = 0.0625).
 MIN_PAIRS_FOR_5_PERCENT = 6
 
 
 @dataclass
-class WilcoxonReport:
+class PairedTest:
+    """Paired differences d_i = a_i − b_i: their mean, a bootstrap interval of the mean, and the signed-rank test."""
+
+    n: int = 0
+    n_nonzero: int = 0
+    mean_diff: float | None = None
+    ci_low: float | None = None  # percentile bootstrap interval of the mean difference (None below 2 pairs)
+    ci_high: float | None = None
+    confidence: float = 0.95
+    statistic: float | None = None  # min(W+, W-)
+    p_two_sided: float | None = None
+    p_greater: float | None = None  # one-sided: a better than b (positive differences)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def p_floor(self) -> float | None:
+        """The smallest two-sided p the exact test can reach with this many non-zero differences."""
+        return 2.0 / 2**self.n_nonzero if self.n_nonzero else None
+
+
+def paired_test(diffs, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0) -> PairedTest:
+    """Mean of the paired differences, its percentile bootstrap interval (scipy, fixed seed: the same interval on
+    every call) and the Wilcoxon signed-rank test (scipy, zero differences dropped, exact for small n).
+
+    With few pairs the bootstrap interval is too narrow (3 seeds give at most 10 distinct resamples) and the test
+    cannot reach small p (``messages`` says so); both are reported rather than hidden.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    test = PairedTest(n=len(d), n_nonzero=int(np.count_nonzero(d)), confidence=confidence)
+    if test.n == 0:
+        test.messages.append("no pairs; no test")
+        return test
+    test.mean_diff = float(d.mean())
+    if test.n >= 2:
+        if np.all(d == d[0]):
+            test.ci_low = test.ci_high = float(d[0])
+        else:
+            ci = bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+                           rng=np.random.default_rng(seed)).confidence_interval
+            test.ci_low, test.ci_high = float(ci.low), float(ci.high)
+    if test.n_nonzero == 0:
+        test.messages.append("every paired difference is zero; the test is undefined")
+        return test
+    if test.n_nonzero < MIN_PAIRS_FOR_5_PERCENT:
+        test.messages.append(
+            f"only {test.n_nonzero} non-zero differences: the smallest two-sided p the exact test can give is "
+            f"2/2^{test.n_nonzero} = {test.p_floor:.4g}, so it cannot show a difference at the 5% level"
+        )
+    if test.n_nonzero < test.n:
+        test.messages.append(f"{test.n - test.n_nonzero} zero difference(s) dropped (zero_method='wilcox')")
+    two = wilcoxon(d, zero_method="wilcox", alternative="two-sided")
+    test.statistic, test.p_two_sided = float(two.statistic), float(two.pvalue)
+    test.p_greater = float(wilcoxon(d, zero_method="wilcox", alternative="greater").pvalue)
+    return test
+
+
+@dataclass(kw_only=True)
+class WilcoxonReport(PairedTest):
     a: str
     b: str
     pair_by: str  # "seed" or "task-mean"
     pairs: list[dict] = field(default_factory=list)  # model, rank, task, seed (None for task means), a, b, diff
     unpaired: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
-    n: int = 0
-    n_nonzero: int = 0
-    statistic: float | None = None
-    p_two_sided: float | None = None
-    p_greater: float | None = None  # one-sided: a better than b
-    messages: list[str] = field(default_factory=list)
 
 
 def make_pairs(scores, a: str, b: str, pair_by: str, tasks, lower_is_better=()) -> tuple[str, list[dict], list[str]]:
@@ -85,30 +139,11 @@ def wilcoxon_test(scores, a: str = "bidora", b: str = "dora", pair_by: str = "au
     if tasks is None:
         raise ValueError("tasks must be given (the task keys to pair on)")
     mode, pairs, unpaired = make_pairs(scores, a, b, pair_by, tasks, lower_is_better)
-    report = WilcoxonReport(a=a, b=b, pair_by=mode, pairs=pairs, unpaired=unpaired, tasks=sorted(set(tasks)))
-    diffs = np.array([p["diff"] for p in pairs], dtype=np.float64)
-    report.n = len(pairs)
-    report.n_nonzero = int(np.count_nonzero(diffs))
-    if report.n == 0:
-        report.messages.append(f"no pairs: no {mode} unit was run with both {a} and {b}; no test")
-        return report
-    if report.n_nonzero == 0:
-        report.messages.append("every paired difference is zero; the test is undefined")
-        return report
-    if report.n_nonzero < MIN_PAIRS_FOR_5_PERCENT:
-        floor = 2.0 / 2**report.n_nonzero
-        report.messages.append(
-            f"only {report.n_nonzero} non-zero differences: the smallest two-sided p the exact test can give is "
-            f"2/2^{report.n_nonzero} = {floor:.4g}, so it cannot show a difference at the 5% level"
-        )
-    if report.n_nonzero < report.n:
-        report.messages.append(f"{report.n - report.n_nonzero} zero difference(s) dropped (zero_method='wilcox')")
-    two = wilcoxon(diffs, zero_method="wilcox", alternative="two-sided")
-    greater = wilcoxon(diffs, zero_method="wilcox", alternative="greater")
-    report.statistic = float(two.statistic)
-    report.p_two_sided = float(two.pvalue)
-    report.p_greater = float(greater.pvalue)
-    return report
+    test = paired_test([p["diff"] for p in pairs])
+    if test.n == 0:
+        test.messages = [f"no pairs: no {mode} unit was run with both {a} and {b}; no test"]
+    return WilcoxonReport(a=a, b=b, pair_by=mode, pairs=pairs, unpaired=unpaired, tasks=sorted(set(tasks)),
+                          **vars(test))
 
 
 def format_wilcoxon_markdown(report: WilcoxonReport, labels: dict[str, str] | None = None,
@@ -125,6 +160,9 @@ def format_wilcoxon_markdown(report: WilcoxonReport, labels: dict[str, str] | No
                      f"p one-sided ({la} > {lb}) = {report.p_greater:.4g}.")
     else:
         lines.append("No test was run.")
+    if report.ci_low is not None:
+        lines.append(f"Mean difference {report.mean_diff:+.{decimals}f}, {100 * report.confidence:g}% bootstrap "
+                     f"interval [{report.ci_low:+.{decimals}f}, {report.ci_high:+.{decimals}f}].")
     if paper_p is not None:
         lines.append(f"Paper: p = {paper_p:g} (its pairing is not stated).")
     lines += [f"- {m}" for m in report.messages]

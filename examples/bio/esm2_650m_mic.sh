@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 4 of the BiDoRA paper, antimicrobial peptide MIC (regression, reported as MSE), ESM-2 650M,
-# LoRA/DoRA/BiDoRA (and ft with METHODS="ft lora dora bidora"), 5 seeds, then utils/compare_methods.py (MSE on
+# LoRA/DoRA/BiDoRA (and ft with METHODS="ft lora dora bidora"), 5 seeds, then utils/report.py (MSE on
 # test; model selection maximises -MSE on the held-out 20% of train). Inputs and options: see
 # examples/bio/esm2_table4_common.sh and examples/bio/README.md. Smaller backbone: ESM_SIZE=8M|35M|150M|650M|3B.
 set -euo pipefail

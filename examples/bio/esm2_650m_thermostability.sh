@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 4 of the BiDoRA paper, thermostability (binary classification of proteins), ESM-2 650M, LoRA/DoRA/BiDoRA
-# (and ft with METHODS="ft lora dora bidora"), 5 seeds, then utils/compare_methods.py. Inputs and options: see
+# (and ft with METHODS="ft lora dora bidora"), 5 seeds, then utils/report.py. Inputs and options: see
 # examples/bio/esm2_table4_common.sh and examples/bio/README.md. Smaller backbone: ESM_SIZE=8M|35M|150M|650M|3B.
 set -euo pipefail
 TASK_KEY=thermostability

@@ -82,7 +82,7 @@ esm2_table4_main() {
         --output_dir "$dir" "${per_method[@]}" ${EXTRA_ARGS:-}
     done
   done
-  "${run[@]}" "$py" "$root/utils/compare_methods.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
+  "${run[@]}" "$py" "$root/utils/report.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
     ${EXTRA_METRICS:+--extra-metrics "$EXTRA_METRICS"} --markdown "$out/comparison.md" --json "$out/comparison.json" \
     --figure "$out/comparison.png"
 }

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Offline, real-data comparison of LoRA, DoRA and BiDoRA (with retraining) on CPU: AntiBERTy (antiberty==0.1.3,
 # a 25.8M-parameter antibody BERT) on modlAMP's ACP_CancPPD_vs_Random peptides (anticancer vs random, 826
-# sequences), SEEDS (default 0 1 2 3 4), then utils/compare_methods.py -> assets/antiberty_acp.png + a markdown table.
+# sequences), SEEDS (default 0 1 2 3 4), then utils/report.py -> OUT_ROOT/comparison.{md,json,png}.
 #
 #   bash examples/bio/run_antiberty_acp.sh               # all seeds (~15 min on 2 idle CPU cores; see the README)
 #   SEEDS=0 OUT_ROOT=/tmp/acp bash examples/bio/run_antiberty_acp.sh
 #
 # Environment: SEEDS, METHODS (default "lora dora bidora"; ft allowed), OUT_ROOT (default runs/antiberty_acp),
-# DATA_SEED (the train/test split, default 0, fixed across training seeds), FIGURE (default assets/antiberty_acp.png),
+# DATA_SEED (the train/test split, default 0, fixed across training seeds), FIGURE (default OUT_ROOT/comparison.png),
 # OVERWRITE=1 (redo finished runs; otherwise they are kept and skipped), PYTHON, and the schedule below.
+# assets/antiberty_acp.{png,json} (shown in the READMEs) are never written by a run: `make assets` copies
+# runs/antiberty_acp/comparison.{png,json} there.
 # Settings are ours (examples/bio/configs/antiberty_acp.yaml + the schedule here), sized for 2 CPU cores.
 set -euo pipefail
 
@@ -20,7 +22,7 @@ OUT="${OUT_ROOT:-$ROOT/runs/antiberty_acp}"
 SEEDS="${SEEDS:-0 1 2 3 4}"
 METHODS="${METHODS:-lora dora bidora}"
 DATA_SEED="${DATA_SEED:-0}"
-FIGURE="${FIGURE:-$ROOT/assets/antiberty_acp.png}"
+FIGURE="${FIGURE:-$OUT/comparison.png}"
 CONFIG="$HERE/configs/antiberty_acp.yaml"
 # Schedule (ours). 619 train sequences; BiDoRA holds out 20% (124) for its upper level, so one epoch of the lower
 # 495 at batch 16 is 31 steps. ft/LoRA/DoRA: 93 steps on all 619. BiDoRA: one epoch of bi-level search (each DARTS step
@@ -74,8 +76,8 @@ for seed in $SEEDS; do
 done
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"$PY" utils/compare_methods.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
+"$PY" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
   --extra-metrics precision_weighted,recall_weighted,f1_weighted \
   --markdown "$OUT/comparison.md" --json "$OUT/comparison.json" --figure "$FIGURE" \
   --title "AntiBERTy on ACP vs random peptides (modlAMP), test accuracy"
-echo "table: $OUT/comparison.md  figure: $FIGURE" >&2
+echo "table: $OUT/comparison.md  figure: $FIGURE (assets/ untouched; \`make assets\` copies them there)" >&2

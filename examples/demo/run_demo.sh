@@ -11,7 +11,11 @@
 # Environment: SEEDS (default "0"), TASK (rotten_tomatoes | vader_movies), METHODS (default "lora dora bidora"),
 # ITERATIONS (lower-level steps of every method, and BiDoRA's retraining steps; default: the config's 150),
 # TRAIN_SIZE / TEST_SIZE (default 2000 / 1000), OUTPUT_ROOT (default runs/demo), PYTHON (default .venv/bin/python),
-# FIGURE (default assets/demo_<task>.png).
+# FIGURE (default OUTPUT_ROOT/<task>/summary.png).
+#
+# Output: everything goes under OUTPUT_ROOT/<task>/ -- the runs, summary.md, summary.json and the figure
+# (utils/report.py). The README's figure and table under assets/ are never touched by a run; refreshing them is
+# explicit: `make assets` copies runs/demo/rotten_tomatoes/summary.{png,json} to assets/demo_rotten_tomatoes.*.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -22,7 +26,7 @@ METHODS="${METHODS:-lora dora bidora}"
 TRAIN_SIZE="${TRAIN_SIZE:-2000}"
 TEST_SIZE="${TEST_SIZE:-1000}"
 OUT="${OUTPUT_ROOT:-$ROOT/runs/demo}/$TASK"
-FIGURE="${FIGURE:-$ROOT/assets/demo_$TASK.png}"
+FIGURE="${FIGURE:-$OUT/summary.png}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 case "$TASK" in
@@ -58,7 +62,8 @@ for seed in $SEEDS; do
   done
 done
 
-"$PY" "$ROOT/utils/compare_methods.py" "$OUT" --split test --markdown "$OUT/summary.md" --json "$OUT/summary.json" \
+# shellcheck disable=SC2086  # word splitting normalises the lists
+"$PY" "$ROOT/utils/report.py" "$OUT" --split test --methods "$(echo $METHODS | tr ' ' ',')" \
+  --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" --json "$OUT/summary.json" \
   --figure "$FIGURE" --title "all-MiniLM-L6-v2 on $TASK (seeds: $SEEDS)"
-cp "$OUT/summary.json" "${FIGURE%.png}.json"
-echo "wrote $OUT/summary.md, ${FIGURE%.png}.json and $FIGURE"
+echo "wrote $OUT/summary.md, $OUT/summary.json and $FIGURE (assets/ untouched; \`make assets\` copies them there)"
