@@ -45,6 +45,10 @@ class BiDoRATrainer(Trainer):
             on it as the ``heldout`` split, and the lower level trains on the rest.
         eval_dataset: evaluation set(s); evaluated next to ``heldout`` (metrics ``eval_<split>_<metric>``).
         upper_dataset: an explicit upper split (then ``train_dataset`` is all lower data).
+        retrain: BiDoRA's retraining phase: train the directions (and head) of a BiDoRA model on all of
+            ``train_dataset`` with its learned magnitudes frozen (no split, no upper level; the lower loss keeps the
+            orthogonality regulariser). Re-initialise the directions first if the phase should start fresh
+            (:func:`loralib.reset_directions`).
         **kwargs: every other ``Trainer`` argument (``data_collator``, ``compute_metrics``, ``callbacks``, ...).
 
     Model selection (``load_best_model_at_end``) uses the held-out split: a bare ``metric_for_best_model`` such as
@@ -64,6 +68,7 @@ class BiDoRATrainer(Trainer):
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
         upper_dataset: Dataset | None = None,
+        retrain: bool = False,
         **kwargs,
     ) -> None:
         args = BiDoRATrainingArguments(output_dir="trainer_output") if args is None else args
@@ -71,8 +76,16 @@ class BiDoRATrainer(Trainer):
             raise TypeError(f"BiDoRATrainer needs loralib.BiDoRATrainingArguments, got {type(args).__name__}")
         adapter = get_adapter_config(model) if model is not None else None
         self.method = adapter.method if adapter is not None else "ft"
-        self.bilevel = self.method == "bidora"
-        lower_dataset, upper_dataset = self._split(train_dataset, upper_dataset, args)
+        if retrain and self.method != "bidora":
+            raise ValueError(f"retrain=True is BiDoRA's retraining phase; this model's adapters are {self.method!r}")
+        self.retraining = retrain
+        self.bilevel = self.method == "bidora" and not retrain
+        if retrain:
+            lower_dataset = train_dataset
+            for p in magnitude_parameters(model):
+                p.requires_grad_(False)
+        else:
+            lower_dataset, upper_dataset = self._split(train_dataset, upper_dataset, args)
         if self.bilevel:
             self._check_supported(args, upper_dataset)
             for p in magnitude_parameters(model):
@@ -191,7 +204,7 @@ class BiDoRATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        if not (self.bilevel and model.training and self.args.orth_reg > 0):
+        if not (self.method == "bidora" and model.training and self.args.orth_reg > 0):
             return result
         penalty = self.args.orth_reg * orthogonality_penalty(self.model)
         if return_outputs:

@@ -207,3 +207,18 @@ def test_plain_training_arguments_are_refused_by_name(tmp_path):
 
     with pytest.raises(TypeError, match="BiDoRATrainingArguments"):
         BiDoRATrainer(model=adapted("bidora"), args=TrainingArguments(str(tmp_path)), train_dataset=Tokens())
+
+
+def test_retraining_phase_trains_directions_with_frozen_magnitudes_on_all_data(tmp_path):
+    model = adapted("bidora")
+    BiDoRATrainer(model=model, args=args(tmp_path / "search"), train_dataset=Tokens()).train()
+    searched = snapshot(model)
+    loralib.reset_directions(model)
+    trainer = BiDoRATrainer(model=model, args=args(tmp_path / "retrain"), train_dataset=Tokens(), retrain=True)
+    assert len(trainer.train_dataset) == 24 and trainer.upper_dataset is None and trainer.upper_level is None
+    trainer.train()
+    moved = changed(searched, model)
+    assert not any(n.endswith("magnitude") for n in moved)
+    assert any(".lora_B" in n for n in moved)
+    with pytest.raises(ValueError, match="retraining phase"):
+        BiDoRATrainer(model=adapted("dora"), args=args(tmp_path / "x"), train_dataset=Tokens(), retrain=True)
