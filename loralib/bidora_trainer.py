@@ -17,7 +17,10 @@ position; transformers' trl uses the same pair).
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +35,28 @@ from .training_args import BiDoRATrainingArguments
 
 BILEVEL_STATE = "bilevel_state.pt"
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that was written to the end, or None.
+
+    The Trainer writes ``trainer_state.json`` last, so a folder whose ``trainer_state.json`` is missing or does not
+    parse (a run killed while saving) is incomplete: it is skipped, with a message on stderr.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
+    )
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            print(f"skipping {path}: incompletely written (no readable trainer_state.json)", file=sys.stderr)
+    return None
 
 
 class BiDoRATrainer(Trainer):
@@ -181,6 +206,15 @@ class BiDoRATrainer(Trainer):
         accepted = set(inspect.signature(self.model.forward).parameters) | set(_LABEL_COLUMNS)
         unused = [c for c in dataset.column_names if c not in accepted]
         return dataset.remove_columns(unused) if unused else dataset
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
+        (:func:`last_complete_checkpoint`), skipping one that a killed run left half written."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ---- losses ------------------------------------------------------------------------------------------------
     def _task_loss(self, batch: dict) -> torch.Tensor:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback
@@ -10,6 +16,8 @@ import loralib
 from loralib import BiDoRATrainer, BiDoRATrainingArguments
 from tests.test_hf_trainer import StopAt, Tokens
 from tests.tiny_models import tiny_roberta
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def adapted(method: str, dropout: float = 0.0, seed: int = 0):
@@ -222,3 +230,72 @@ def test_retraining_phase_trains_directions_with_frozen_magnitudes_on_all_data(t
     assert any(".lora_B" in n for n in moved)
     with pytest.raises(ValueError, match="retraining phase"):
         BiDoRATrainer(model=adapted("dora"), args=args(tmp_path / "x"), train_dataset=Tokens(), retrain=True)
+
+
+# ---- kill -9 at any moment, then the same command ------------------------------------------------------------------
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+    import loralib
+    from loralib.bidora_trainer import BiDoRATrainer, last_complete_checkpoint
+    from tests.test_bidora_trainer import adapted, args
+    from tests.test_hf_trainer import Tokens
+
+    out, where, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    class KillInStep(TrainerCallback):  # after the optimiser step, before the upper step and the checkpoint
+        def on_optimizer_step(self, args, state, control, **kw):
+            if where == "step" and state.global_step + 1 == at:
+                die()
+
+    save = BiDoRATrainer._save_optimizer_and_scheduler
+
+    def save_then_die(self, output_dir):  # the checkpoint has weights and optimiser state, no trainer_state.json
+        save(self, output_dir)
+        if where == "checkpoint" and self.state.global_step == at:
+            die()
+
+    BiDoRATrainer._save_optimizer_and_scheduler = save_then_die
+    model = adapted("bidora", dropout=0.1)
+    trainer = BiDoRATrainer(model=model, args=args(out, max_steps=8, unroll_steps=2), train_dataset=Tokens(),
+                            callbacks=[KillInStep()])
+    trainer.train(resume_from_checkpoint=True if last_complete_checkpoint(out) else None)
+    final = {{n: p.detach().contiguous() for n, p in model.named_parameters()}}
+    save_file(final, os.path.join(out, "final.safetensors"))
+    """
+)
+
+
+def run_until(script, out, where, at) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(out), where, str(at)], env=env, capture_output=True,
+                          text=True, timeout=180)
+    if proc.returncode not in (0, -9):
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def test_sigkill_inside_a_step_or_a_checkpoint_resumes_to_a_bitwise_identical_end(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO)))
+    assert run_until(script, tmp_path / "full", "none", 0).returncode == 0
+    killed = tmp_path / "killed"
+    assert run_until(script, killed, "step", 3).returncode == -9  # inside step 3 (mid unroll cycle)
+    assert (killed / "checkpoint-2").is_dir() and not (killed / "checkpoint-4").exists()
+    assert run_until(script, killed, "checkpoint", 6).returncode == -9  # while checkpoint-6 is being written
+    assert (killed / "checkpoint-6").is_dir() and not (killed / "checkpoint-6" / "trainer_state.json").exists()
+    resumed = run_until(script, killed, "none", 0)
+    assert resumed.returncode == 0
+    assert "skipping" in resumed.stderr and "checkpoint-6" in resumed.stderr
+    full, end = load_file(str(tmp_path / "full" / "final.safetensors")), load_file(str(killed / "final.safetensors"))
+    assert full.keys() == end.keys() and all(torch.equal(full[k], end[k]) for k in full)
