@@ -34,8 +34,19 @@ class BiDoRATrainingArguments(TrainingArguments):
 
     Raises:
         ValueError: naming the field, for a value out of range.
+
+    Note:
+        One ``TrainingArguments`` default is overridden: ``average_tokens_across_devices=False``. With True,
+        transformers multiplies the loss of every model whose ``forward`` takes ``**kwargs`` by the number of
+        processes, assuming the loss was divided by the global token count; sequence-classification heads (GLUE,
+        proteins) return a batch mean and ignore that count, so under ``torchrun`` their gradient came out N times
+        too large (and clipped differently) compared with one process at the same global batch.
     """
 
+    # overridden TrainingArguments default (see the note above)
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "scale the loss by the global token count (True: transformers' default)"}
+    )
     # split
     upper_fraction: float = field(default=0.2, metadata={"help": "held-out share of train for the upper level"})
     # upper level

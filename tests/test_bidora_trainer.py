@@ -299,3 +299,61 @@ def test_sigkill_inside_a_step_or_a_checkpoint_resumes_to_a_bitwise_identical_en
     assert "skipping" in resumed.stderr and "checkpoint-6" in resumed.stderr
     full, end = load_file(str(tmp_path / "full" / "final.safetensors")), load_file(str(killed / "final.safetensors"))
     assert full.keys() == end.keys() and all(torch.equal(full[k], end[k]) for k in full)
+
+
+# ---- torchrun: N processes compute the global-batch algorithm -----------------------------------------------------
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    import torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from tests.test_bidora_trainer import ddp_run
+
+    out, world = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
+    for hypergradient in ("darts", "neumann", "cg", "first_order"):
+        params = ddp_run(os.path.join(out, hypergradient), hypergradient, per_device=4 // world)
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_file(params, os.path.join(out, hypergradient + ".safetensors"))
+    # as PyTorch asks of every torchrun script: without it gloo may abort at exit ("terminate called ...")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+def ddp_run(out, hypergradient: str, per_device: int) -> dict[str, torch.Tensor]:
+    """4 steps of BiDoRA in float64 at a global batch of 4 (lower and upper), sequential data, dropout 0."""
+    model = tiny_roberta(seed=0, dtype=torch.float64)
+    loralib.apply_adapters(model, loralib.AdapterConfig(method="bidora", r=4, lora_alpha=8,
+                                                        target_modules=["query", "value"],
+                                                        modules_to_save=["classifier"]))
+    settings = args(out, per_device_train_batch_size=per_device, upper_batch_size=per_device, max_steps=4,
+                    save_strategy="no", upper_fraction=0.2, hypergradient=hypergradient, neumann_alpha=0.1,
+                    train_sampling_strategy="sequential", upper_learning_rate=5e-3)
+    BiDoRATrainer(model=model, args=settings, train_dataset=Tokens(n=20)).train()
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
+
+
+def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO)))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for hypergradient in ("darts", "neumann", "cg", "first_order"):
+        single = ddp_run(tmp_path / "single" / hypergradient, hypergradient, per_device=4)
+        two = load_file(str(tmp_path / "ddp" / f"{hypergradient}.safetensors"))
+        assert single.keys() == two.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(two[name], value, rtol=1e-9, atol=1e-12, msg=f"{hypergradient} {name}")
+        start = tiny_roberta(seed=0, dtype=torch.float64)  # and the run did move the magnitudes
+        assert not torch.equal(single["roberta.encoder.layer.0.attention.self.query.magnitude"],
+                               start.roberta.encoder.layer[0].attention.self.query.weight.norm(dim=1))
