@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainerCallback, get_scheduler
 
 from .bilevel import BatchStream, LowerLevel, UpperLevel, _mix_seed, lower_config, split_indices
+from .io import adapter_state_dict
 from .model import direction_parameters, get_adapter_config, magnitude_parameters, orthogonality_penalty
 from .training_args import BiDoRATrainingArguments
 
@@ -274,7 +275,38 @@ class BiDoRATrainer(Trainer):
             self._upper_losses = []
         super().log(logs, start_time)
 
-    # ---- checkpoints: the upper level's state next to the Trainer's optimiser and schedule ---------------------
+    # ---- checkpoints: the trainable state only, and the upper level's next to the Trainer's optimiser ---------
+    def _save_checkpoint(self, model, trial) -> None:
+        self._writing_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._writing_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """In a checkpoint of an adapted model, only what training changes (adapters, magnitudes, head, merge
+        state): the frozen base is the pretrained model's, and a checkpoint of RoBERTa-large would otherwise hold it
+        every time. ``save_model`` outside checkpoints writes the whole model (``loralib.from_pretrained`` loads it).
+        """
+        if getattr(self, "_writing_checkpoint", False) and state_dict is None and self._frozen_keys():
+            frozen = self._frozen_keys()
+            state_dict = {k: v for k, v in self.model.state_dict().items() if k not in frozen}
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys of the frozen pretrained weights of an adapted model (empty for full fine-tuning)."""
+        if get_adapter_config(self.model) is None:
+            return set()
+        trainable = set(adapter_state_dict(self.model))
+        return {k for k, _ in self.model.named_parameters() if k not in trainable}
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # a checkpoint without the frozen base is complete: only other missing keys are worth a warning
+        frozen = self._frozen_keys()
+        load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in frozen]
+        super()._issue_warnings_after_load(load_result)
+
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.bilevel and self.upper_level is not None and self.args.should_save:

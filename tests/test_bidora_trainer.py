@@ -357,3 +357,20 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
         start = tiny_roberta(seed=0, dtype=torch.float64)  # and the run did move the magnitudes
         assert not torch.equal(single["roberta.encoder.layer.0.attention.self.query.magnitude"],
                                start.roberta.encoder.layer[0].attention.self.query.weight.norm(dim=1))
+
+
+@pytest.mark.parametrize("method", ["bidora", "dora"])
+def test_checkpoints_hold_the_trainable_state_not_the_frozen_base(tmp_path, method):
+    from safetensors import safe_open
+
+    model = adapted(method)
+    trainer = BiDoRATrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=Tokens())
+    trainer.train()
+    with safe_open(str(tmp_path / "checkpoint-2" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    expected = set(loralib.adapter_state_dict(model)) | {k for k in model.state_dict() if k.endswith("_extra_state")}
+    assert keys == expected
+    assert not any(k.endswith(("query.weight", "word_embeddings.weight")) for k in keys)
+    trainer.save_model(str(tmp_path / "final"))  # outside checkpoints: the whole model, loadable by itself
+    reloaded = loralib.from_pretrained(type(model), tmp_path / "final")
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
