@@ -1,54 +1,46 @@
-"""Cost of a BiDoRA iteration against a DoRA step, on a RoBERTa-base-sized classifier built from a config.
+"""Cost of a BiDoRA iteration against a DoRA step, both through transformers' Trainer (loralib.BiDoRATrainer), on a
+RoBERTa-base-sized classifier built from a config.
 
-Both go through the same engine (loralib.bilevel / Betty); DoRA is the single-level run over A, B, magnitudes and
-head. Reported (medians of interleaved repeats):
+Every configuration is a short real training run; each step (lower step, plus the upper step when one is due) is
+timed by a callback, from ``on_step_begin`` to the end of ``on_step_end``. Runs are repeated round-robin so machine
+noise hits every configuration alike; reported are medians over rounds of each run's median step time:
 
-* BiDoRA (darts, unroll 1) iteration / DoRA step  -- floor is ~4 forward+backward passes; target <= 4.2x
-* BiDoRA (darts, unroll 5) per lower step / DoRA step  -- target <= 1.7x
-* first-order BiDoRA iteration / DoRA step (ablation, for reference)
-* BiDoRA (darts, unroll 1) without the orthogonality penalty / DoRA step (the penalty is dense: O(out² · in) per
-  adapted layer, independent of the batch, so it dominates at the small default batch)
-* peak memory of one BiDoRA iteration / one DoRA step  -- target <= 1.3x
+* BiDoRA (darts, unroll 1) iteration / DoRA step                              -- target <= 4.25x
+* BiDoRA (darts, unroll 5) per lower step / DoRA step                         -- target <= 1.7x
+* first-order BiDoRA, and darts without the orthogonality penalty / DoRA step  -- for reference
+* a DoRA step through BiDoRATrainer / the same step through a plain Trainer   -- target <= 1.05x
+* peak memory of one BiDoRA iteration / one DoRA step                         -- target <= 1.3x
 
-Default run: batch 4, sequence 32, 3 repeats on CPU (a few minutes on 2 cores). Scale up with flags, e.g.
-``--batch-size 32 --seq-len 128 --repeats 10 --device cuda``.
+Default: batch 4, sequence 32, 3 rounds of 6 timed steps on CPU (several minutes on 2 cores). Scale up with flags,
+e.g. ``--batch-size 32 --seq-len 128 --device cuda``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import RobertaConfig, RobertaForSequenceClassification, Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import loralib  # noqa: E402
-from benchmarks.common import device_from_arg, interleaved_medians, peak_memory_bytes  # noqa: E402
-from loralib.bilevel import (  # noqa: E402
-    BatchStream,
-    build_engine,
-    make_optimizer,
-    make_scheduler,
-    orthogonality_term,
-    split_indices,
-)
+from benchmarks.common import device_from_arg, sync  # noqa: E402
+from loralib import BiDoRATrainer, BiDoRATrainingArguments  # noqa: E402
 
 
 def build_model(args, method: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = RobertaConfig(
-        vocab_size=50265,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=514,
-        num_labels=2,
-        pad_token_id=1,
+        vocab_size=50265, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, intermediate_size=4 * args.hidden, max_position_embeddings=514,
+        num_labels=2, pad_token_id=1,
     )
     model = RobertaForSequenceClassification(config)
     loralib.apply_adapters(
@@ -61,58 +53,74 @@ def build_model(args, method: str) -> torch.nn.Module:
 
 def make_dataset(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    n = 16 * args.batch_size
+    n = 64 * args.batch_size
     ids = torch.randint(3, 50000, (n, args.seq_len), generator=g)
     labels = torch.randint(0, 2, (n,), generator=g)
     mask = torch.ones(args.seq_len, dtype=torch.long)
     return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)]
 
 
-def collate(items):
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+class StepTimer(TrainerCallback):
+    """Seconds per step (after ``warmup`` steps), and the peak memory of one step."""
+
+    def __init__(self, device: torch.device, warmup: int, memory_step: int | None) -> None:
+        self.device, self.warmup, self.memory_step = device, warmup, memory_step
+        self.times: list[float] = []
+        self.peak: int | None = None
+        self._profiler = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.memory_step:
+            self._start_memory()
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync(self.device)
+        if state.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+        if state.global_step - 1 == self.memory_step:
+            self._stop_memory()
+
+    def _start_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                    profile_memory=True)
+            self._profiler.__enter__()
+
+    def _stop_memory(self) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._before
+            return
+        self._profiler.__exit__(None, None, None)
+        current = peak = 0
+        for event in sorted(self._profiler.events(), key=lambda e: e.time_range.start):
+            current += event.self_cpu_memory_usage
+            peak = max(peak, current)
+        self.peak = peak
 
 
-def task_loss(model, batch):
-    return model(**batch).loss
+def run(args, data, device, name: str, method: str, trainer_cls=BiDoRATrainer, **bilevel) -> StepTimer:
+    # (the last step of the timed run has the upper step due at every unroll length used here)
+    steps = args.warmup + args.steps
+    timer = StepTimer(device, args.warmup, memory_step=args.warmup if not args.no_memory else None)
+    with tempfile.TemporaryDirectory() as out:
+        common = dict(output_dir=out, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+                      max_steps=steps, save_strategy="no", logging_strategy="no", report_to="none",
+                      use_cpu=device.type == "cpu", disable_tqdm=True, seed=0)
+        if trainer_cls is Trainer:
+            from transformers import TrainingArguments
 
-
-def dora_engine(args, data, device):
-    model = build_model(args, "dora")
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine = build_engine(
-        model=model,
-        lower_params=params,
-        lower_loss=task_loss,
-        lower_stream=BatchStream(data, range(len(data)), args.batch_size, collate, seed=0, device=device),
-        lower_optimizer=make_optimizer(params, 1e-4, 0.1),
-        device=device,
-    )
-    engine.direction.scheduler = make_scheduler(engine.direction.optimizer, 10**6, 0.1)
-    return engine
-
-
-def bidora_engine(args, data, device, hypergradient: str, unroll: int, orth_reg: float = 1e-5):
-    model = build_model(args, "bidora")
-    lower_idx, upper_idx = split_indices(len(data), 0.2, 0)
-    direction, magnitude = loralib.direction_parameters(model), loralib.magnitude_parameters(model)
-    engine = build_engine(
-        model=model,
-        lower_params=direction,
-        lower_loss=task_loss,
-        lower_extra_loss=orthogonality_term(model, orth_reg),
-        lower_stream=BatchStream(data, lower_idx, args.batch_size, collate, seed=1, device=device),
-        lower_optimizer=make_optimizer(direction, 1e-4, 0.1),
-        upper_params=magnitude,
-        upper_loss=task_loss,
-        upper_stream=BatchStream(data, upper_idx, args.batch_size, collate, seed=2, device=device),
-        upper_optimizer=make_optimizer(magnitude, 1e-4, 0.1),
-        hypergradient=hypergradient,
-        unroll_steps=unroll,
-        device=device,
-    )
-    engine.direction.scheduler = make_scheduler(engine.direction.optimizer, 10**6, 0.1)
-    engine.magnitude.scheduler = make_scheduler(engine.magnitude.optimizer, 10**6, 0.1)
-    return engine
+            trainer = Trainer(model=build_model(args, method), args=TrainingArguments(**common), train_dataset=data)
+        else:
+            settings = BiDoRATrainingArguments(**common, upper_fraction=0.2 if method == "bidora" else 0.0, **bilevel)
+            trainer = trainer_cls(model=build_model(args, method), args=settings, train_dataset=data)
+        trainer.add_callback(timer)
+        trainer.train()
+    return timer
 
 
 def main() -> None:
@@ -122,75 +130,58 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (a multiple of 5)")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="CPU: keep subnormal floats (the darts + penalty path then runs ~10x slower)")
     args = parser.parse_args()
     device = device_from_arg(args.device)
-    # On CPU, subnormal floats appear in the darts + orthogonality-penalty path (not yet traced to one tensor) and make
-    # every kernel 10x slower; flushing them is what a CPU training run should do too.
-    flush = device.type == "cpu" and not args.keep_denormals
-    torch.set_flush_denormal(flush)
+    torch.set_flush_denormal(device.type == "cpu")  # subnormals in the darts + penalty path slow CPU kernels 10x
     data = make_dataset(args)
 
-    dora = dora_engine(args, data, device)
-    darts1 = bidora_engine(args, data, device, "darts", 1)
-    darts5 = bidora_engine(args, data, device, "darts", 5)
-    first = bidora_engine(args, data, device, "first_order", 1)
-    # The dense orthogonality penalty costs O(out^2 in) per layer whatever the batch: at small batches it dominates.
-    no_penalty = bidora_engine(args, data, device, "darts", 1, orth_reg=0.0)
-
-    def cycle(engine, steps):
-        def fn():
-            for _ in range(steps):
-                engine.step()
-
-        return fn
-
-    fns = {
-        "dora_step": cycle(dora, 1),
-        "bidora_darts_unroll1": cycle(darts1, 1),
-        "bidora_darts_unroll5_cycle": cycle(darts5, 5),
-        "bidora_first_order": cycle(first, 1),
-        "bidora_darts_unroll1_no_penalty": cycle(no_penalty, 1),
+    configs = {
+        "dora_plain_trainer": dict(method="dora", trainer_cls=Trainer),
+        "dora_step": dict(method="dora"),
+        "bidora_darts_unroll1": dict(method="bidora", hypergradient="darts", unroll_steps=1),
+        "bidora_darts_unroll5": dict(method="bidora", hypergradient="darts", unroll_steps=5),
+        "bidora_first_order": dict(method="bidora", hypergradient="first_order", unroll_steps=1),
+        "bidora_darts_unroll1_no_penalty": dict(method="bidora", hypergradient="darts", unroll_steps=1, orth_reg=0.0),
     }
-    times = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup, device=device)
+    per_round: dict[str, list[float]] = {name: [] for name in configs}
+    peaks: dict[str, int] = {}
+    for round_ in range(args.rounds):
+        for name, config in configs.items():
+            timer = run(args, data, device, name, **config)
+            # unroll 5: the mean over whole cycles is the cost per lower step
+            value = statistics.fmean(timer.times) if "unroll5" in name else statistics.median(timer.times)
+            per_round[name].append(value)
+            if timer.peak is not None and round_ == 0:
+                peaks[name] = timer.peak
+            print(f"round {round_}: {name:34s} {value * 1e3:9.1f} ms/step", flush=True)
+    times = {name: statistics.median(values) for name, values in per_round.items()}
+    dora = times["dora_step"]
     results = {
-        "device": str(device),
-        "flush_denormal": flush,
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "hidden": args.hidden,
-        "layers": args.layers,
-        "seconds": times,
-        "ratio_bidora_unroll1_vs_dora": times["bidora_darts_unroll1"] / times["dora_step"],
-        "ratio_bidora_unroll5_per_lower_step_vs_dora": times["bidora_darts_unroll5_cycle"] / 5 / times["dora_step"],
-        "ratio_first_order_vs_dora": times["bidora_first_order"] / times["dora_step"],
-        "ratio_bidora_unroll1_no_penalty_vs_dora": times["bidora_darts_unroll1_no_penalty"] / times["dora_step"],
+        "device": str(device), "batch_size": args.batch_size, "seq_len": args.seq_len, "hidden": args.hidden,
+        "layers": args.layers, "rounds": args.rounds, "steps": args.steps, "seconds_per_step": times,
+        "ratio_bidora_unroll1_vs_dora": times["bidora_darts_unroll1"] / dora,
+        "ratio_bidora_unroll5_per_lower_step_vs_dora": times["bidora_darts_unroll5"] / dora,
+        "ratio_first_order_vs_dora": times["bidora_first_order"] / dora,
+        "ratio_bidora_unroll1_no_penalty_vs_dora": times["bidora_darts_unroll1_no_penalty"] / dora,
+        "ratio_dora_bidora_trainer_vs_plain_trainer": dora / times["dora_plain_trainer"],
     }
-    if not args.no_memory:
-        mem_dora = peak_memory_bytes(fns["dora_step"], device)
-        mem_bidora = peak_memory_bytes(fns["bidora_darts_unroll1"], device)
-        mem_no_penalty = peak_memory_bytes(fns["bidora_darts_unroll1_no_penalty"], device)
-        results["peak_bytes"] = {"dora_step": mem_dora, "bidora_darts_unroll1": mem_bidora,
-                                 "bidora_darts_unroll1_no_penalty": mem_no_penalty}
-        results["ratio_peak_memory_bidora_vs_dora"] = mem_bidora / max(mem_dora, 1)
-        results["ratio_peak_memory_no_penalty_vs_dora"] = mem_no_penalty / max(mem_dora, 1)
+    if peaks:
+        results["peak_bytes"] = peaks
+        results["ratio_peak_memory_bidora_vs_dora"] = peaks["bidora_darts_unroll1"] / max(peaks["dora_step"], 1)
     print(json.dumps(results, indent=2))
     print(
-        f"BiDoRA/DoRA time: unroll 1 {results['ratio_bidora_unroll1_vs_dora']:.2f}x (target <= 4.2), "
+        f"BiDoRA/DoRA time: unroll 1 {results['ratio_bidora_unroll1_vs_dora']:.2f}x (target <= 4.25), "
         f"unroll 5 per lower step {results['ratio_bidora_unroll5_per_lower_step_vs_dora']:.2f}x (target <= 1.7), "
-        f"first-order {results['ratio_first_order_vs_dora']:.2f}x, "
-        f"unroll 1 without the orthogonality penalty {results['ratio_bidora_unroll1_no_penalty_vs_dora']:.2f}x"
-        + (
-            f"; peak memory {results['ratio_peak_memory_bidora_vs_dora']:.2f}x (target <= 1.3)"
-            if "ratio_peak_memory_bidora_vs_dora" in results
-            else ""
-        )
+        f"first-order {results['ratio_first_order_vs_dora']:.2f}x, without the penalty "
+        f"{results['ratio_bidora_unroll1_no_penalty_vs_dora']:.2f}x; DoRA through BiDoRATrainer / plain Trainer "
+        f"{results['ratio_dora_bidora_trainer_vs_plain_trainer']:.3f}x (target <= 1.05)"
+        + (f"; peak memory {results['ratio_peak_memory_bidora_vs_dora']:.2f}x (target <= 1.3)" if peaks else "")
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
