@@ -582,12 +582,15 @@ class LowerLevel(ImplicitProblem):
     def parameters(self):
         return self._params
 
-    def training_step(self, batch):
-        # neumann / cg differentiate this loss twice: fused attention kernels have no double backward, the
-        # math kernel computes the same attention and has one.
+    def attention_kernels(self):
+        """neumann / cg differentiate the lower loss twice: fused attention kernels have no double backward, the
+        math kernel computes the same attention and has one. (The whole implicit term runs inside, so that
+        gradient checkpointing recomputes with the same kernel.)"""
         second_order = self.config.type in ("loralib_neumann", "loralib_cg")
-        kernels = sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext()
-        with seeded_rng(self.batch_seed, self.device), kernels:
+        return sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext()
+
+    def training_step(self, batch):
+        with seeded_rng(self.batch_seed, self.device), self.attention_kernels():
             loss = self._task_loss(batch)
         if self._extra_loss is not None and not self.skip_upper_independent:
             loss = loss + self._extra_loss()
@@ -638,7 +641,9 @@ class UpperLevel(ImplicitProblem):
             total = direct
             if self.hypergradient != "first_order":
                 vector = mean_over_processes(replace_none_with_zero(grads[len(mags) :], lower_params))
-                implicit = betty_hypergradient.jvp_fn_mapping[self.lower.config.type](vector, self.lower, self, False)
+                with self.lower.attention_kernels():
+                    jvp = betty_hypergradient.jvp_fn_mapping[self.lower.config.type]
+                    implicit = jvp(vector, self.lower, self, False)
                 implicit = mean_over_processes(replace_none_with_zero(implicit, mags))
                 total = [d + i for d, i in zip(direct, implicit)]
         return float(mean_over_processes([loss.detach().float()])[0]), total

@@ -374,3 +374,32 @@ def test_checkpoints_hold_the_trainable_state_not_the_frozen_base(tmp_path, meth
     trainer.save_model(str(tmp_path / "final"))  # outside checkpoints: the whole model, loadable by itself
     reloaded = loralib.from_pretrained(type(model), tmp_path / "final")
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("hypergradient", ["darts", "neumann"])
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, hypergradient):
+    plain, checkpointed = adapted("bidora"), adapted("bidora")
+    BiDoRATrainer(model=plain, args=args(tmp_path / "a", max_steps=3, hypergradient=hypergradient,
+                                         neumann_alpha=0.1), train_dataset=Tokens()).train()
+    BiDoRATrainer(model=checkpointed, args=args(tmp_path / "b", max_steps=3, hypergradient=hypergradient,
+                                                neumann_alpha=0.1, gradient_checkpointing=True),
+                  train_dataset=Tokens()).train()
+    reference = snapshot(plain)
+    for name, value in snapshot(checkpointed).items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_report_to_tensorboard_logs_both_levels(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    BiDoRATrainer(model=adapted("bidora"), args=args(tmp_path, report_to="tensorboard", max_steps=2),
+                  train_dataset=Tokens()).train()
+    runs = [p.parent for p in tmp_path.rglob("events.out.tfevents.*")]
+    assert runs
+    tags = set()
+    for run in runs:
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/upper_loss"} <= tags
