@@ -1,4 +1,5 @@
-"""BiDoRA on a tiny RoBERTa: who changes what, and when (each Betty sharp edge has a test here)."""
+"""The bi-level building blocks on a tiny RoBERTa: seeded dropout masks per batch, resumable sharded streams,
+seeded splits. (Who trains what, end to end, is tests/test_bidora_trainer.py.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import loralib
-from loralib.bilevel import BatchStream, build_engine, make_optimizer, make_scheduler, orthogonality_term, split_indices
+from loralib.bilevel import BatchStream, split_indices
 from tests.tiny_models import tiny_roberta
 
 L = 8
@@ -37,103 +38,24 @@ def bidora_model(dropout: float = 0.1):
     return model
 
 
-def bidora_engine(model, hypergradient="darts", unroll_steps=1, lr=1e-2):
-    data = make_data(64)
-    lower_idx, upper_idx = split_indices(len(data), 0.25, seed=0)
-    direction, magnitude = loralib.direction_parameters(model), loralib.magnitude_parameters(model)
-    lower_opt = make_optimizer(direction, lr, 0.1)
-    upper_opt = make_optimizer(magnitude, lr, 0.1)
-    engine = build_engine(
-        model=model,
-        lower_params=direction,
-        lower_loss=task_loss,
-        lower_extra_loss=orthogonality_term(model, 1e-3),
-        lower_stream=BatchStream(data, lower_idx, 8, collate, seed=1),
-        lower_optimizer=lower_opt,
-        upper_params=magnitude,
-        upper_loss=task_loss,
-        upper_stream=BatchStream(data, upper_idx, 8, collate, seed=2),
-        upper_optimizer=upper_opt,
-        hypergradient=hypergradient,
-        unroll_steps=unroll_steps,
-    )
-    for problem, total in ((engine.direction, 10), (engine.magnitude, 10)):
-        problem.scheduler = make_scheduler(problem.optimizer, total, 0.1)
-    return engine
-
-
-def snapshot(params):
-    return [p.detach().clone() for p in params]
-
-
-def same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def frozen_parameters(model):
-    trainable = {id(p) for p in loralib.direction_parameters(model) + loralib.magnitude_parameters(model)}
-    return [p for p in model.parameters() if id(p) not in trainable]
-
-
-@pytest.mark.parametrize("hypergradient,unroll", [("darts", 1), ("darts", 2), ("neumann", 1), ("cg", 1),
-                                                  ("first_order", 1)])
-def test_each_level_changes_only_its_own_parameters(hypergradient, unroll):
-    model = bidora_model()
-    engine = bidora_engine(model, hypergradient, unroll)
-    direction, magnitude = loralib.direction_parameters(model), loralib.magnitude_parameters(model)
-    frozen = frozen_parameters(model)
-    frozen0, magnitude0 = snapshot(frozen), snapshot(magnitude)
-    assert frozen and len(magnitude) == 4 and len(direction) == 4 * 2 + 4
-    calls = {"direction": 0, "magnitude": 0}
-
-    def watch(problem, own, others):
-        inner = problem.one_step_descent
-
-        def wrapped(*args, **kwargs):
-            own_before, others_before = snapshot(own), snapshot(others)
-            out = inner(*args, **kwargs)
-            calls[problem.name] += 1
-            assert same(snapshot(others), others_before), f"a {problem.name} step changed the other level"
-            assert not same(snapshot(own), own_before), f"a {problem.name} step did not change its own parameters"
-            return out
-
-        problem.one_step_descent = wrapped
-
-    watch(engine.direction, direction, magnitude + frozen)
-    watch(engine.magnitude, magnitude, direction + frozen)
-    for _ in range(4):
-        engine.step()
-    assert calls == {"direction": 4, "magnitude": 4 // unroll}
-    assert same(snapshot(frozen), frozen0), "a frozen pretrained weight changed"
-    assert not same(snapshot(magnitude), magnitude0), "the magnitudes never moved"
-
-
-def test_betty_optimizers_hold_exactly_the_intended_parameters():
-    """Betty rebuilds each optimiser from trainable_parameters(); by default that would be every module parameter."""
-    model = bidora_model()
-    engine = bidora_engine(model)
-    ids = lambda params: sorted(id(p) for p in params)  # noqa: E731
-    lower = [p for g in engine.direction.optimizer.param_groups for p in g["params"]]
-    upper = [p for g in engine.magnitude.optimizer.param_groups for p in g["params"]]
-    assert ids(lower) == ids(loralib.direction_parameters(model))
-    assert ids(upper) == ids(loralib.magnitude_parameters(model))
-    assert type(engine.direction.optimizer) is torch.optim.Adam
-    assert engine.direction.optimizer.defaults["decoupled_weight_decay"] is True
-
-
 def test_repeated_evaluations_of_a_batch_see_the_same_dropout_masks():
     """darts evaluates the lower loss of one batch twice (θ ± εv); only the parameters may differ between them."""
-    model = bidora_model(dropout=0.3)
-    engine = bidora_engine(model)
-    engine.step()
-    lower = engine.direction
-    first = lower.training_step(lower.cur_batch)
-    second = lower.training_step(lower.cur_batch)
+    from loralib.bilevel import LowerLevel, lower_config
+
+    model = bidora_model(dropout=0.3).train()
+    loralib.allow_joint_magnitude_training(model)
+    batch = collate(make_data(8))
+    lower = LowerLevel(loralib.direction_parameters(model), lambda b: task_loss(model, b), None,
+                       lower_config("darts", 0.01, 3, 1.0, 3), "cpu")
+    lower.batch_seed = 17
+    first, second = lower.training_step(batch), lower.training_step(batch)
     assert torch.equal(first, second)
-    # ... and dropout is really active: plain evaluations with the global RNG differ.
+    # ... and dropout is really active: plain evaluations with the global RNG differ, as does another seed.
     with torch.no_grad():
-        plain = [lower._loss_fn(lower.cur_batch) for _ in range(2)]
+        plain = [task_loss(model, batch) for _ in range(2)]
     assert not torch.equal(plain[0], plain[1])
+    lower.batch_seed = 18
+    assert not torch.equal(lower.training_step(batch), first)
 
 
 def test_batches_are_plain_dicts_and_streams_resume_exactly():
