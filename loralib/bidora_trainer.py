@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -164,12 +165,15 @@ class BiDoRATrainer(Trainer):
     def _build_upper_level(self, num_training_steps: int) -> None:
         args, model = self.args, self.model
         device = args.device
+        # The levels call back into this trainer through a weak reference: a reference cycle would keep the trainer,
+        # its DDP wrapper and the process group alive until interpreter exit, where gloo aborts while tearing down.
+        trainer = weakref.ref(self)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         extra = (lambda: args.orth_reg * orthogonality_penalty(model)) if args.orth_reg > 0 else None
         lower = LowerLevel(
             direction_parameters(model),
-            self._fp32_task_loss,
+            lambda batch: trainer()._fp32_task_loss(batch),
             extra,
             lower_config(args.hypergradient, args.darts_alpha, args.neumann_iterations, args.neumann_alpha,
                          args.cg_iterations),
@@ -186,14 +190,15 @@ class BiDoRATrainer(Trainer):
             num_training_steps=upper_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs,
         )
         self.upper_level = UpperLevel(
-            model, magnitudes, self._task_loss, lower, args.hypergradient, optimizer, scheduler, device
+            model, magnitudes, lambda batch: trainer()._task_loss(batch), lower, args.hypergradient, optimizer,
+            scheduler, device,
         )
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.upper_stream = BatchStream(
             self._model_columns(self.upper_dataset),
             range(len(self.upper_dataset)),
             args.upper_batch_size or args.per_device_train_batch_size,
-            lambda features: dict(self.data_collator(features)),
+            lambda features: dict(trainer().data_collator(features)),
             seed=_mix_seed(seed, 0xB1D0),
             device=device,
             rank=rank,
@@ -334,9 +339,9 @@ class _UpperStepCallback(TrainerCallback):
     """Runs the upper step after every ``unroll_steps`` lower steps, before the Trainer logs, evaluates or saves."""
 
     def __init__(self, trainer: BiDoRATrainer) -> None:
-        self.trainer = trainer
+        self.trainer = weakref.ref(trainer)  # the trainer holds this callback: no reference cycle
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.unroll_steps == 0:
-            self.trainer.upper_step()
+            self.trainer().upper_step()
         return control

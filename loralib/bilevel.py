@@ -1,38 +1,36 @@
-"""BiDoRA's bi-level optimisation on Betty: directions (A, B, head) below, magnitudes above.
+"""BiDoRA's bi-level optimisation: directions (A, B, head) below, magnitudes above, as two Betty problems.
 
-The lower problem trains the direction parameters on the lower split with
-``task loss + γ · orthogonality_penalty``; the upper problem trains the magnitude vectors on the upper split with the
-task loss, through Betty's hypergradient (the magnitudes stay inside the adapted layers: one model, two parameter
-sets). The same machinery runs single-level baselines (one problem, no upper level), so every method goes through
-the same code path.
+The lower problem (:class:`LowerLevel`) holds the direction parameters and the loss ``task loss + γ ·
+orthogonality_penalty`` on the lower split; transformers' Trainer takes its optimisation steps
+(:mod:`loralib.bidora_trainer`). The upper problem (:class:`UpperLevel`) trains the magnitude vectors on the held-out
+upper split with the task loss, through a hypergradient: ``darts`` (finite differences), ``neumann``, ``cg`` or
+``first_order`` (direct term only). The magnitudes stay inside the adapted layers: one model, two parameter sets.
 
 What this module adds around Betty 0.2.1 (see docs/ and the Betty notes for why each exists):
 
-* both problems return exactly their own parameters from ``trainable_parameters()`` / ``parameters()``: Betty
-  otherwise rebuilds the optimiser over every module parameter, frozen pretrained weights included;
-* batches come from :class:`BatchStream` (seeded, epoch-shuffled, resumable at ``(epoch, position)``, sharded per
-  rank) as plain dicts, and every loss evaluation of a batch runs under a per-batch RNG seed, so the two finite-
+* both problems return exactly their own parameters from ``trainable_parameters()`` / ``parameters()``;
+* every evaluation of the lower loss for the hypergradient runs under one per-step RNG seed, so the two finite-
   difference evaluations of ``darts`` (and the re-evaluations of ``neumann`` / ``cg``) see the same dropout masks;
-* ``darts`` restores the lower parameters exactly (Betty's add/subtract round trip changes them by rounding);
+* ``darts`` restores the lower parameters exactly (Betty's add/subtract round trip changes them by rounding) and
+  skips the regulariser in its evaluations (it does not depend on the magnitudes);
 * ``cg`` is a correct conjugate-gradient solve (the 0.2.1 release updates the search direction from the old
-  residual and never converges);
-* DDP on CPU (gloo) as well as CUDA (nccl): the device is chosen from ``LOCAL_RANK``, the magnitudes are kept out of
-  the lower problem's DDP reducer and their hypergradient is all-reduced explicitly.
+  residual and never converges); ``neumann`` is Betty's series with the step size it is given;
+* under data parallelism ``v``, the direct and implicit terms and every Hessian-vector product are averaged over the
+  processes: N processes compute what one process computes on the same global batch;
+* :class:`BatchStream`: seeded, epoch-shuffled, resumable, per-rank sharded batches (the upper split's).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 from betty import hypergradient as betty_hypergradient
-from betty.configs import Config, EngineConfig
-from betty.engine import Engine
+from betty.configs import Config
 from betty.hypergradient.darts import darts as betty_darts
 from betty.logging.logger_base import get_logger as betty_logger
 from betty.problems import ImplicitProblem
@@ -41,12 +39,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
-from .model import allow_joint_magnitude_training, joint_magnitude_training, orthogonality_penalty
+from .model import joint_magnitude_training
 
 HYPERGRADIENTS = ("darts", "neumann", "cg", "first_order")
-LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
-# Betty logs problem/engine information at INFO on stdout; our trainer has its own progress bar and CSV log.
+# Betty logs problem information at INFO on stdout; the Trainer does the logging.
 betty_logger().setLevel(logging.WARNING)
 
 
@@ -147,7 +144,6 @@ def mean_over_processes(tensors: Sequence[torch.Tensor | None]) -> list[torch.Te
 betty_hypergradient.jvp_fn_mapping["loralib_darts"] = _exact_darts
 betty_hypergradient.jvp_fn_mapping["loralib_neumann"] = _neumann
 betty_hypergradient.jvp_fn_mapping["loralib_cg"] = _conjugate_gradient
-_BETTY_TYPE = {"darts": "loralib_darts", "neumann": "neumann", "cg": "loralib_cg", "first_order": "loralib_darts"}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -256,294 +252,12 @@ def seeded_rng(seed: int, device: torch.device):
         yield
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Optimisers and schedules that survive Betty's rebuild (class(params, **defaults); LambdaLR by introspection).
-# ------------------------------------------------------------------------------------------------------------------
-def make_optimizer(
-    params: Sequence[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6
-) -> torch.optim.Optimizer:
-    """AdamW semantics through ``Adam(decoupled_weight_decay=True)``: Betty cannot rebuild ``AdamW`` on torch 2.13."""
-    return torch.optim.Adam(
-        list(params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True
-    )
-
-
-class LinearWarmupDecay:
-    """Multiplier for ``LambdaLR``: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
-
-    def __init__(self, total: int, warmup_ratio: float) -> None:
-        self.total = max(int(total), 1)
-        self.warmup = int(math.ceil(self.total * warmup_ratio))
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        return max(0.0, (self.total - step) / max(self.total - self.warmup, 1))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float):
-    """``LambdaLR`` with :class:`LinearWarmupDecay` (Betty can rebuild a LambdaLR; not OneCycleLR/SequentialLR)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(total, warmup_ratio))
-
-
-def orthogonality_term(model: nn.Module, orth_reg: float) -> Callable[[], torch.Tensor] | None:
-    """BiDoRA's lower-loss regulariser ``γ · mean_layers ‖V̂ᵀV̂ − I‖_F`` as a ``lower_extra_loss`` (None when γ = 0).
-
-    The lower loss is ``task loss + orthogonality_term``; V̂ depends on A and B only, never on the magnitudes.
-    """
-    if orth_reg == 0:
-        return None
-    return lambda: orth_reg * orthogonality_penalty(model)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Problems
-# ------------------------------------------------------------------------------------------------------------------
-class _StreamProblem(ImplicitProblem):
-    """An ImplicitProblem with an explicit parameter list, batches from a :class:`BatchStream`, a per-batch seed."""
-
-    def __init__(
-        self,
-        name: str,
-        config: Config,
-        module: nn.Module,
-        params: Sequence[nn.Parameter],
-        loss_fn: Callable[[dict], torch.Tensor],
-        stream: BatchStream,
-        optimizer,
-        scheduler,
-        extra_loss: Callable[[], torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler)
-        self._params = list(params)
-        self._loss_fn = loss_fn
-        self._extra_loss = extra_loss  # batch-independent term (the orthogonality penalty), no upper dependence
-        self.skip_upper_independent = False
-        self.stream = stream
-        self.last_loss = float("nan")
-        self.grad_observer: Callable[[list[nn.Parameter]], None] | None = None  # tests read the (hyper)gradient here
-
-    # Exactly our parameters: never Betty's default list(module.parameters()), which includes frozen weights.
-    def trainable_parameters(self):
-        return self._params
-
-    def parameters(self):
-        return self._params
-
-    def get_batch(self):
-        return self.stream.next()
-
-    def training_step(self, batch):
-        with seeded_rng(self.stream.batch_seed, torch.device(self.device)):
-            loss = self._loss_fn(batch)
-        if self._extra_loss is not None and not self.skip_upper_independent:
-            loss = loss + self._extra_loss()
-        return loss
-
-    def get_loss(self, batch):
-        loss, loss_dict = super().get_loss(batch)
-        self.last_loss = loss_dict["loss"]
-        return loss, loss_dict
-
-    def patch_data_loader(self, loader):  # our streams shard themselves
-        return loader
-
-    def grad_callback(self):
-        if self._strategy == "distributed" and self._world_size > 1:
-            self._all_reduce_grads()
-        if self.grad_observer is not None:
-            self.grad_observer(self._params)
-
-    def _all_reduce_grads(self) -> None:
-        """Average gradients that DDP's reducer does not handle (those set by Betty directly)."""
-
-
-class DirectionProblem(_StreamProblem):
-    """Lower level: lora_A, lora_B and the task head (or every trainable parameter for a single-level run)."""
-
-    def __init__(self, *args, ignore_in_ddp: Sequence[str] = (), **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._ignore_in_ddp = list(ignore_in_ddp)
-
-    def patch_module(self):
-        if self._strategy == "distributed" and self._ignore_in_ddp:
-            # The magnitudes live in this module but are the upper problem's; the reducer must not wait for them.
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.module, self._ignore_in_ddp
-            )
-        super().patch_module()
-
-
-class MagnitudeProblem(_StreamProblem):
-    """Upper level: the magnitude vectors (held by a small module; the same Parameter objects as in the layers)."""
-
-    def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
-        """Direct gradient and ``v = ∂L_up/∂θ`` in ONE backward pass (Betty takes two), then the implicit term.
-
-        Same result as Betty's ``Problem.backward`` for our two-level graph (one path upper → lower → upper, no
-        gradient accumulation); anything else goes to Betty's own code.
-        """
-        if len(paths) != 1 or len(paths[0]) != 3 or not self.gradient_accumulation_boundary():
-            return super().backward(loss, params, paths, create_graph, retain_graph, allow_unused)
-        lower = paths[0][1]
-        lower_params = lower.meta_trainable_parameters()
-        grads = torch.autograd.grad(loss, list(params) + list(lower_params), allow_unused=True)
-        self.set_grads(params, grads[: len(params)])
-        vector = replace_none_with_zero(grads[len(params) :], lower_params)
-        betty_hypergradient.jvp_fn_mapping[lower.config.type](vector, lower, self, True)
-
-    def patch_module(self):
-        # Never wrapped in DDP (its forward is never called); the gradient is averaged in grad_callback instead.
-        self.module.to(self.device)
-        if self._strategy == "distributed" and self._world_size > 1:
-            self.synchronize_params(self._params)
-
-    def _all_reduce_grads(self) -> None:
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(self._world_size)
-
-
 class ParameterHolder(nn.Module):
     """A module whose only parameters are the given ones (shared, not copied)."""
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
         super().__init__()
         self.params = nn.ParameterList(params)
-
-
-class LoralibEngine(Engine):
-    """Betty's Engine with a device of our choosing and DDP on CPU (gloo) as well as CUDA (nccl)."""
-
-    def __init__(self, problems, config, dependencies, device: torch.device) -> None:
-        self._requested_device = torch.device(device)
-        super().__init__(problems=problems, config=config, dependencies=dependencies)
-
-    def configure_systems(self):
-        if self._strategy == "distributed":
-            if not dist.is_initialized():
-                dist.init_process_group(backend=self._backend)
-            self._world_size, self._rank = dist.get_world_size(), dist.get_rank()
-            self._local_rank = int(os.environ.get("LOCAL_RANK", self._rank))
-            if self._requested_device.type == "cuda":
-                torch.cuda.set_device(self._local_rank)
-                self.device = torch.device("cuda", self._local_rank)
-            else:
-                self.device = torch.device("cpu")
-        elif self._strategy == "default":
-            self.device = self._requested_device
-        else:
-            raise ValueError(f"strategy {self._strategy!r} is not supported here (use 'default' or 'distributed')")
-        return {
-            "strategy": self._strategy,
-            "backend": self._backend,
-            "world_size": self._world_size,
-            "rank": self._rank,
-            "local_rank": self._local_rank,
-        }
-
-    def step(self) -> None:
-        """One lower-level step (and the upper step when an unroll cycle completes)."""
-        self.global_step += 1
-        self.train_step()
-
-
-def distributed_setup(device: torch.device) -> tuple[str, str, int, int]:
-    """(strategy, backend, rank, world_size) from torchrun's environment."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return "default", "gloo", 0, 1
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    return "distributed", backend, int(os.environ.get("RANK", "0")), world_size
-
-
-def build_engine(
-    *,
-    model: nn.Module,
-    lower_params: Sequence[nn.Parameter],
-    lower_loss: Callable[[nn.Module, dict], torch.Tensor],
-    lower_stream: BatchStream,
-    lower_optimizer: torch.optim.Optimizer,
-    lower_scheduler=None,
-    lower_extra_loss: Callable[[], torch.Tensor] | None = None,
-    upper_params: Sequence[nn.Parameter] = (),
-    upper_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None,
-    upper_stream: BatchStream | None = None,
-    upper_optimizer: torch.optim.Optimizer | None = None,
-    upper_scheduler=None,
-    hypergradient: str = "darts",
-    unroll_steps: int = 1,
-    darts_alpha: float = 0.01,
-    neumann_iterations: int = 3,
-    neumann_alpha: float = 1.0,
-    cg_iterations: int = 3,
-    device: torch.device | str = "cpu",
-    strategy: str = "default",
-    backend: str = "gloo",
-) -> LoralibEngine:
-    """Wire one model into a Betty engine: a lower (direction) problem and, when ``upper_params`` is non-empty, an
-    upper (magnitude) problem that receives the hypergradient.
-
-    ``lower_loss(module, batch)`` receives the lower module as Betty holds it (DDP-wrapped under data parallelism; it
-    should only call it); ``upper_loss(model, batch)`` receives the bare model. ``lower_extra_loss()`` is an optional
-    batch-independent term of the lower loss that must not depend on the upper parameters (BiDoRA's orthogonality
-    penalty, see :func:`orthogonality_term`); darts skips it in its finite-difference evaluations.
-    Train with :meth:`LoralibEngine.step`; ``engine.direction`` / ``engine.magnitude`` are the two problems.
-    """
-    if hypergradient not in HYPERGRADIENTS:
-        raise ValueError(f"hypergradient must be one of {HYPERGRADIENTS}, got {hypergradient!r}")
-    bilevel = len(upper_params) > 0
-    if bilevel:  # the magnitudes need gradients in the forward passes (the upper problem's), never a lower step
-        allow_joint_magnitude_training(model)
-    lower_config = Config(
-        type=_BETTY_TYPE[hypergradient],
-        unroll_steps=unroll_steps if bilevel else 1,
-        darts_alpha=darts_alpha,
-        neumann_iterations=neumann_iterations,
-        neumann_alpha=neumann_alpha,
-        cg_iterations=cg_iterations,
-        log_step=-1,
-    )
-    upper_ids = {id(p) for p in upper_params}
-    ignore = [n for n, p in model.named_parameters() if id(p) in upper_ids]
-    lower = DirectionProblem(
-        "direction",
-        lower_config,
-        module=model,
-        params=lower_params,
-        loss_fn=None,
-        stream=lower_stream,
-        optimizer=lower_optimizer,
-        scheduler=lower_scheduler,
-        ignore_in_ddp=ignore,
-        extra_loss=lower_extra_loss,
-    )
-    lower._loss_fn = lambda batch: lower_loss(lower.module, batch)
-    problems: list = [lower]
-    dependencies: dict = {"u2l": {}, "l2u": {}}
-    if bilevel:
-        if upper_loss is None or upper_stream is None or upper_optimizer is None:
-            raise ValueError("a bi-level engine needs upper_loss, upper_stream and upper_optimizer")
-        upper = MagnitudeProblem(
-            "magnitude",
-            # first_order=True is what makes Betty add the implicit term; retain_graph for Betty's own backward, which
-            # differentiates the upper loss twice (our MagnitudeProblem.backward needs one pass).
-            Config(type=_BETTY_TYPE[hypergradient], first_order=True, retain_graph=True, log_step=-1),
-            module=ParameterHolder(upper_params),
-            params=upper_params,
-            loss_fn=lambda batch: upper_loss(model, batch),
-            stream=upper_stream,
-            optimizer=upper_optimizer,
-            scheduler=upper_scheduler,
-        )
-        problems.append(upper)
-        dependencies["l2u"] = {lower: [upper]}
-        # first_order: no upper-to-lower path, so the upper level gets its direct gradient only.
-        dependencies["u2l"] = {} if hypergradient == "first_order" else {upper: [lower]}
-    config = EngineConfig(train_iters=0, valid_step=10**12, logger_type="none", strategy=strategy, backend=backend)
-    return LoralibEngine(problems, config, dependencies, device=torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -163,6 +163,12 @@ class AdapterLayer(nn.Module):
         for name in ("_w0_sq_cache", "_w0_gram_cache", "_w0_gram_sq_cache"):
             self.__dict__.pop(name, None)
 
+    def train(self, mode: bool = True):
+        # The eval-mode norm cache is keyed on the version counters of A, B and W0, which fused optimisers
+        # (transformers' default adamw_torch_fused) do not bump: every change of mode starts it afresh.
+        self._norm_cache = None
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, method={self.method}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
@@ -264,6 +270,7 @@ class AdapterLayer(nn.Module):
     def _norm_for_forward(self) -> Tensor:
         norm_needs_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
         if self.training or norm_needs_grad or torch.compiler.is_compiling():
+            self._norm_cache = None  # a step may follow, and fused optimisers update A, B without a version bump
             norm = self.weight_norm()
             return norm.detach() if self.detach_norm else norm
         # Inference: the norm only changes when A, B or W0 change; reuse it so DoRA costs what LoRA costs.

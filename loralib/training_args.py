@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-HYPERGRADIENTS = ("darts", "neumann", "cg", "first_order")
+from .bilevel import HYPERGRADIENTS
 
 
 @dataclass

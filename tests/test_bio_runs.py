@@ -66,9 +66,9 @@ def assets(tmp_path_factory):
     return root, str(model), files
 
 
-FAST = ["--iterations", "4", "--batch_size", "8", "--eval_batch_size", "32", "--eval_every", "2", "--lr", "1e-3",
-        "--r", str(RANK), "--lora_alpha", "4", "--max_length", "32", "--no_token_cache", "--no_progress",
-        "--snapshots", "0", "--checkpoint_every", "0", "--device", "cpu"]
+FAST = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+        "--eval_steps", "2", "--learning_rate", "1e-3", "--r", str(RANK), "--lora_alpha", "4", "--max_length", "32",
+        "--no_token_cache", "--disable_tqdm", "true", "--snapshots", "0", "--use_cpu", "true"]
 
 
 def _run(assets, task: str, method: str, *extra: str) -> tuple[dict, Path]:
@@ -88,7 +88,7 @@ def _head_params(num_labels: int) -> int:
 
 @pytest.mark.parametrize("method", ["ft", "lora", "dora", "bidora"])
 def test_protein_classification_every_method(assets, method):
-    extra = ("--iterations", "2", "--retrain_iterations", "2") if method == "bidora" else ()
+    extra = ("--max_steps", "2", "--retrain_max_steps", "2") if method == "bidora" else ()
     results, out = _run(assets, "protein_classification", method, *extra)
     test = results["eval"]["test"]
     assert set(test) == {"accuracy", "precision_weighted", "recall_weighted", "f1_weighted"}
@@ -185,8 +185,8 @@ def test_esm_script_dry_run_plans_every_run(assets, tmp_path):
     assert len(runs) == 4
     # 40 training rows, 8 held out: 2 epochs of 32 at batch 16 = 4 steps; retraining 2 epochs of 40 = 5 steps.
     bidora = [r for r in runs if "--method bidora" in r]
-    assert all("--iterations 4" in r and "--retrain_iterations 5" in r for r in bidora)
+    assert all("--max_steps 4" in r and "--retrain_max_steps 5" in r for r in bidora)
     ft = [r for r in runs if "--method ft" in r]
-    assert all("--iterations 4" in r and "--lr 2e-5" in r and "retrain" not in r for r in ft)
+    assert all("--max_steps 4" in r and "--learning_rate 2e-5" in r and "retrain" not in r for r in ft)
     assert all("facebook/esm2_t6_8M_UR50D" in r and "configs/esm2_bbp.yaml" in r for r in runs)
     assert "utils/report.py" in proc.stdout and "ESTIMATE" in proc.stderr

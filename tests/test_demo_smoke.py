@@ -25,11 +25,12 @@ def test_demo_command_smoke(tmp_path):
     cmd = [
         "bash",
         str(ROOT / "examples" / "demo" / "run_demo.sh"),
-        "--eval_every",
+        "--eval_steps",
         "5",
-        "--batch_size",
+        "--per_device_train_batch_size",
         "8",
-        "--no_progress",
+        "--disable_tqdm",
+        "true",
         "--no_token_cache",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -37,11 +38,13 @@ def test_demo_command_smoke(tmp_path):
     out = tmp_path / "runs" / "rotten_tomatoes"
     for method in ("lora", "dora", "bidora"):
         results = json.loads((out / method / "seed0" / "results.json").read_text())
-        assert results["method"] == method and results["model"].endswith("model")
+        assert results["method"] == method and results["model"].endswith("model") and results["pooling"] == "mean"
         assert 0.0 <= results["eval"]["test"]["accuracy"] <= 1.0
         assert results["data_sizes"]["train"] == 80
     bidora = json.loads((out / "bidora" / "seed0" / "results.json").read_text())
     assert {h["phase"] for h in bidora["history"]} == {"search", "retrain"}
+    assert any(h["split"] == "heldout" for h in bidora["history"])  # the search phase's upper split
+    assert bidora["selection"] == "final" and bidora["config"]["max_grad_norm"] == 0.0
     assert (tmp_path / "demo.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
     for method in ("lora", "dora", "bidora"):

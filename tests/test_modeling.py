@@ -61,3 +61,57 @@ def test_adapters_on_mean_pooling_head(tmp_path):
     assert head <= {id(p) for p in loralib.direction_parameters(model)}
     with pytest.raises(ValueError, match="pooling"):
         load_classifier("unused", 2, pooling="max")
+
+
+def test_both_heads_tell_the_trainer_their_loss_is_a_batch_mean(tmp_path):
+    """Otherwise a forward(**kwargs) model counts as one that divides by num_items_in_batch itself, and under DDP the
+    Trainer multiplies its loss by the number of processes."""
+    path = str(tiny_encoder(tmp_path))
+    for pooling in ("mean", "cls"):
+        assert load_classifier(path, num_labels=2, pooling=pooling).accepts_loss_kwargs is False
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, 60, (n, 6), generator=g)
+        self.labels = (self.ids[:, 0] > 30).long()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("method", ["lora", "bidora"])
+def test_mean_pooling_model_trains_checkpoints_and_resumes_under_the_trainer(tmp_path, method):
+    """The demo's head is a plain nn.Module, not a PreTrainedModel: the Trainer saves and reloads its state dict."""
+    from loralib import BiDoRATrainer, BiDoRATrainingArguments
+    from tests.test_hf_trainer import StopAt
+
+    encoder = tiny_encoder(tmp_path)
+
+    def model():
+        torch.manual_seed(0)
+        m = load_classifier(str(encoder), num_labels=2, pooling="mean")
+        loralib.apply_adapters(m, loralib.AdapterConfig(method=method, r=2, modules_to_save=["classifier"]))
+        return m
+
+    def args(out):
+        return BiDoRATrainingArguments(output_dir=str(tmp_path / out), max_steps=4, save_steps=2, learning_rate=1e-2,
+                                       per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=0,
+                                       disable_tqdm=True, upper_fraction=0.25)
+
+    whole = model()
+    before = {n: p.detach().clone() for n, p in whole.named_parameters()}
+    BiDoRATrainer(model=whole, args=args("whole"), train_dataset=Sentences()).train()
+    assert not torch.equal(whole.classifier.weight, before["classifier.weight"])
+    embeddings = "encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(whole.get_submodule("encoder.embeddings.word_embeddings").weight, before[embeddings])
+    BiDoRATrainer(model=model(), args=args("cut"), train_dataset=Sentences(), callbacks=[StopAt(2)]).train()
+    resumed = model()
+    BiDoRATrainer(model=resumed, args=args("cut"), train_dataset=Sentences()).train(
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    expected = dict(whole.named_parameters())
+    assert all(torch.equal(p, expected[n]) for n, p in resumed.named_parameters())

@@ -1,4 +1,4 @@
-"""End-to-end runs of examples/NLU/run_glue.py on a tiny RoBERTa and tiny GLUE-format files."""
+"""End-to-end runs of examples/NLU/run_glue.py (BiDoRATrainer) on a tiny RoBERTa and tiny GLUE-format files."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import loralib
 from tests.glue_fixtures import write_task_files, write_tiny_roberta
@@ -17,24 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 import run_glue  # noqa: E402
 
-FAST = [
-    "--iterations",
-    "6",
-    "--batch_size",
-    "8",
-    "--eval_batch_size",
-    "16",
-    "--eval_every",
-    "3",
-    "--lr",
-    "1e-3",
-    "--no_token_cache",
-    "--no_progress",
-    "--snapshots",
-    "2",
-    "--checkpoint_every",
-    "3",
-]
+from utils import report  # noqa: E402
+
+FAST = ["--max_steps", "6", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
+        "--max_length", "32", "--seed", "0", "--no_token_cache", "--disable_tqdm", "true", "--snapshots", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -48,64 +38,63 @@ def assets(tmp_path_factory):
 def args_for(model, files, task, method, out, *extra):
     f = files[task]
     if task == "mnli":
-        data = [
-            "--train_file",
-            f["train"],
-            "--validation_file",
-            f["dev_m"],
-            "--validation_mismatched_file",
-            f["dev_mm"],
-        ]
+        data = ["--train_file", f["train"], "--validation_file", f["dev_m"],
+                "--validation_mismatched_file", f["dev_mm"]]
     else:
         data = ["--train_file", f["train"], "--validation_file", f["dev"], "--test_file", f["test"]]
-    return [
-        str(a)
-        for a in [
-            "--model_name_or_path",
-            model,
-            "--task_name",
-            task,
-            "--method",
-            method,
-            "--output_dir",
-            out,
-            *data,
-            *FAST,
-            *extra,
-        ]
-    ]
+    argv = ["--model_name_or_path", model, "--task_name", task, "--method", method, "--output_dir", out, *data, *FAST]
+    return [str(a) for a in [*argv, *extra]]
+
+
+def results_of(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def evaluate(model, dataset, collate) -> float:
+    """Accuracy by a plain loop, independent of the Trainer's evaluation."""
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate):
+            labels = batch.pop("labels")
+            right += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return right / len(dataset)
 
 
 @pytest.mark.parametrize("method", ["ft", "lora", "dora", "bidora"])
-def test_every_method_runs_end_to_end(assets, tmp_path, method):
+def test_every_method_runs_end_to_end(assets, tmp_path, capsys, method):
     model, files = assets
     out = tmp_path / method
     assert run_glue.main(args_for(model, files, "sst2", method, out)) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = results_of(out)
     assert results["task"] == "sst2" and results["method"] == method and results["seed"] == 0
     assert results["selection"] == "heldout"  # selected on held-out training data, never on dev/test
-    assert set(results["eval"]) >= {"validation", "test"}
+    assert results["selected_step"] in (3, 6) and results["select_metric"] == "accuracy"
+    assert set(results["eval"]) == {"heldout", "validation", "test"}
+    assert results["data_sizes"] == {"train": 48, "lower": 38, "heldout": 10, "validation": 16, "test": 16}
     for metrics in results["eval"].values():
         assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert results["trainable_parameters"] > 0
+    assert {h["split"] for h in results["history"]} == {"heldout", "validation", "test"}
+    assert results["trainable_parameters"] > 0 and results["world_size"] == 1
+    assert results["config"]["learning_rate"] == 1e-3 and results["config"]["method"] == method
+    assert results["config"]["neumann_alpha"] == 1.0  # every bi-level setting is recorded (and passed on)
+    assert (out / "log.csv").is_file() and not list(out.glob("checkpoint-*"))  # checkpoints go once finished
+    assert (out / "snapshots" / "base_weights.safetensors").is_file() and (out / "snapshots" / "step_6").is_dir()
+    if not torch.cuda.is_available():
+        assert "note: no GPU found: running on the CPU" in capsys.readouterr().err
     if method == "ft":
-        assert results["rank"] is None
-    else:
-        assert results["rank"] == 4
-        assert (out / "adapter" / "adapter_config.json").exists()
-        assert loralib.read_adapter_config(out / "adapter")["config"]["method"] == method
-    # the reported numbers are reproducible from the saved adapter: reload and re-evaluate the test split
-    if method in ("lora", "bidora"):
-        fresh = run_glue.load_classifier(str(model), 2)
-        loralib.load_adapters(fresh, out / "adapter")
-        from transformers import AutoTokenizer
-
-        cfg = run_glue.parse_args(args_for(model, files, "sst2", method, tmp_path / "unused"))
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        data = run_glue.load_datasets(cfg, run_glue.get_task("sst2"), tokenizer)
-        collate = run_glue.GlueCollator.from_tokenizer(tokenizer)
-        metrics = run_glue.make_evaluate(run_glue.get_task("sst2"), collate, 16, False)(fresh, data["test"])
-        assert metrics["accuracy"] == pytest.approx(results["eval"]["test"]["accuracy"])
+        assert results["rank"] is None and results["trainable_parameters"] == results["total_parameters"]
+        return
+    assert results["rank"] == 4
+    assert loralib.read_adapter_config(out / "adapter")["config"]["method"] == method
+    # the reported numbers are those of the saved adapter: reload it and re-evaluate the test split
+    fresh = run_glue.load_classifier(str(model), 2)
+    loralib.load_adapters(fresh, out / "adapter")
+    _, data_args, _, _ = run_glue.parse_args(args_for(model, files, "sst2", method, tmp_path / "unused"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = run_glue.load_datasets(data_args, tokenizer)
+    accuracy = evaluate(fresh, data["test"], run_glue.GlueCollator.from_tokenizer(tokenizer))
+    assert accuracy == pytest.approx(results["eval"]["test"]["accuracy"])
 
 
 @pytest.mark.parametrize(
@@ -116,7 +105,7 @@ def test_pair_regression_and_mnli(assets, tmp_path, task, method, metric):
     model, files = assets
     out = tmp_path / task
     assert run_glue.main(args_for(model, files, task, method, out)) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = results_of(out)
     if task == "mnli":  # matched and mismatched reported separately, never pooled
         assert set(results["eval"]) - {"heldout"} == {"validation_matched", "validation_mismatched"}
     for metrics in results["eval"].values():
@@ -125,54 +114,223 @@ def test_pair_regression_and_mnli(assets, tmp_path, task, method, metric):
         assert {"pearson", "spearman"} <= set(results["eval"]["validation"])
 
 
-def test_select_on_dev_is_labelled(assets, tmp_path):
+@pytest.mark.parametrize("extra,selection", [
+    (["--select_on_dev"], "dev_best_over_time"),
+    (["--metric_for_best_model", "validation_accuracy"], "dev_best_over_time"),  # the user named the dev split
+    (["--upper_fraction", "0"], "final"),  # no held-out split: the final model
+])
+def test_selection_is_labelled(assets, tmp_path, extra, selection):
     model, files = assets
-    out = tmp_path / "dev"
-    assert run_glue.main(args_for(model, files, "sst2", "lora", out, "--select_on_dev")) == 0
-    assert json.loads((out / "results.json").read_text())["selection"] == "dev_best_over_time"
+    out = tmp_path / "sel"
+    assert run_glue.main(args_for(model, files, "sst2", "lora", out, *extra)) == 0
+    results = results_of(out)
+    assert results["selection"] == selection
+    if selection == "final":
+        assert results["selected_step"] == 6 and "heldout" not in results["eval"]
+        assert results["eval"] == results["final_eval"]
+    else:  # the reported numbers are the dev split's best over time
+        best = max(h["accuracy"] for h in results["history"] if h["split"] == "validation")
+        assert results["eval"]["validation"]["accuracy"] == best
+
+
+def test_bidora_retraining_reports_both_phases(assets, tmp_path):
+    model, files = assets
+    out = tmp_path / "retrain"
+    assert run_glue.main(args_for(model, files, "sst2", "bidora", out, "--retrain_max_steps", "4")) == 0
+    results = results_of(out)
+    assert results["selection"] == "final" and results["selected_step"] == 10
+    assert {h["phase"] for h in results["history"]} == {"search", "retrain"}
+    assert not any(h["split"] == "heldout" for h in results["history"] if h["phase"] == "retrain")
+    assert sorted((out / "snapshots").glob("step_*")) == [out / "snapshots" / "step_10", out / "snapshots" / "step_5"]
+    run = report.load_run(out / "results.json")  # utils/report.py reads both rows: with retraining, search only
+    assert run.has_retrain
+    step, values = report.search_only_value(run, "test", ["accuracy"])
+    assert step in (3, 6) and 0 <= values["accuracy"] <= 1
+    assert not (out / "retrain").exists() and not (out / "search_adapter").exists()
+
+
+class Interrupted(BaseException):
+    """What a kill looks like to the run: it stops between two steps, after the checkpoint at step 3."""
+
+
+def interrupt_at(phase: str, step: int):
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.phase == phase and state.global_step == step:
+            raise Interrupted
+    return on_step_end
+
+
+@pytest.mark.parametrize("phase,extra", [
+    ("search", ["--method", "lora", "--pooling", "mean"]),  # the mean-pooling head checkpoints and resumes too
+    ("retrain", ["--retrain_max_steps", "6"]),
+])
+def test_the_same_command_resumes_an_interrupted_run(assets, tmp_path, monkeypatch, capsys, phase, extra):
+    model, files = assets
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_glue.main(args_for(model, files, "sst2", "bidora", whole, *extra)) == 0
+    with monkeypatch.context() as m:
+        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at(phase, 4), raising=False)
+        with pytest.raises(Interrupted):
+            run_glue.main(args_for(model, files, "sst2", "bidora", cut, *extra))
+    assert not (cut / "results.json").exists()
+    (cut / ".results.json.k2j4x.tmp").write_text("{")  # a kill while results.json was written leaves this
+    checkpoints = cut / "retrain" if phase == "retrain" else cut
+    (checkpoints / "checkpoint-5").mkdir()  # a kill while a checkpoint was written: no trainer_state.json
+    capsys.readouterr()
+    assert run_glue.main(args_for(model, files, "sst2", "bidora", cut, *extra)) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming the unfinished run in {cut} from {checkpoints / 'checkpoint-3'}" in printed
+    assert "skipping" in printed and "checkpoint-5" in printed
+    a, b = results_of(whole), results_of(cut)
+    for key in ("selection", "selected_step", "eval", "final_eval", "history"):
+        assert a[key] == b[key], key
+    assert [r["step"] for r in _log_rows(cut)] == [r["step"] for r in _log_rows(whole)]
+    expected = load_file(whole / "adapter" / "adapter_model.safetensors")
+    got = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def _log_rows(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_finished_and_foreign_folders_are_refused(assets, tmp_path, capsys):
+    model, files = assets
+    done = tmp_path / "done"
+    assert run_glue.main(args_for(model, files, "sst2", "lora", done)) == 0
+    before = results_of(done)
+    capsys.readouterr()
+    assert run_glue.main(args_for(model, files, "sst2", "lora", done)) == 1
+    assert "finished run (results.json); pass --overwrite_output_dir" in capsys.readouterr().err
+    assert results_of(done) == before
+    assert run_glue.main(args_for(model, files, "sst2", "lora", done, "--overwrite_output_dir")) == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for flag in ((), ("--overwrite_output_dir",)):
+        assert run_glue.main(args_for(model, files, "sst2", "lora", foreign, *flag)) == 1
+        assert "holds files this script did not write (notes.txt)" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def fails(capsys, argv, code, message, out=None):
+    if code == 2:
+        with pytest.raises(SystemExit) as exc:
+            run_glue.main(argv)
+        assert exc.value.code == 2
+    else:
+        assert run_glue.main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err, err
+    if code == 1:  # one clear line, no library traceback
+        assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    if out is not None:
+        assert not Path(out).exists()  # nothing half-written
+    return err
 
 
 def test_bad_inputs_fail_cleanly(assets, tmp_path, capsys):
     model, files = assets
-
-    def fails(argv, code, message, out):
-        if code == 2:
-            with pytest.raises(SystemExit) as exc:
-                run_glue.main(argv)
-            assert exc.value.code == 2
-        else:
-            assert run_glue.main(argv) == code
-        assert message in capsys.readouterr().err
-        assert not Path(out).exists()  # nothing half-written
-
     out = tmp_path / "o"
-    fails(
-        args_for(model, files, "sst2", "lora", out)[:3] + ["rtx"] + args_for(model, files, "sst2", "lora", out)[4:],
-        2,
-        "unknown task",
-        out,
-    )
+    argv = args_for(model, files, "sst2", "lora", out)
+    fails(capsys, [*argv, "--task_name", "rtx"], 2, "unknown task", out)
+    fails(capsys, [*argv, "--iterations", "6"], 2, "--iterations is now --max_steps", out)
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhi there,1\n")
-    argv = args_for(model, files, "sst2", "lora", out)
-    argv[argv.index("--train_file") + 1] = str(bad)
-    fails(argv, 1, "sentence", out)
+    fails(capsys, [*argv, "--train_file", str(bad)], 1, "sentence", out)
     bad.write_text("sentence,label\nhi there,7\n")
-    fails(argv, 1, "label", out)
-    fails(args_for(model, files, "sst2", "lora", out, "--target_modules", "q_proj"), 1, "no module matched", out)
-    config = tmp_path / "typo.yaml"
-    config.write_text("task_name: sst2\nlearning_rate: 0.1\n")
-    fails(["--config", str(config), "--output_dir", str(out)], 2, "unknown key", out)
-    missing = args_for(model, files, "sst2", "lora", out)
-    missing[missing.index("--validation_file") + 1] = str(tmp_path / "nope.csv")
-    fails(missing, 1, "not found", out)
+    fails(capsys, [*argv, "--train_file", str(bad)], 1, "label", out)
+    fails(capsys, [*argv, "--target_modules", "q_proj"], 1, "no module matched", out)
+    fails(capsys, [*argv, "--validation_file", str(tmp_path / "nope.csv")], 1, "not found", out)
+    fails(capsys, [*argv, "--retrain_max_steps", "3"], 2, "BiDoRA's retraining phase", out)
+    fails(capsys, [*argv, "--method", "bidora", "--upper_fraction", "0"], 2, "needs --upper_fraction > 0", out)
+    # the model: a bad path, an empty folder, a folder without config.json, more tokens than it has positions
+    fails(capsys, [*argv, "--model_name_or_path", str(tmp_path / "no-such-model")], 1, "no such folder", out)
+    (tmp_path / "empty").mkdir()
+    fails(capsys, [*argv, "--model_name_or_path", str(tmp_path / "empty")], 1, "is an empty folder", out)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "vocab.txt").write_text("a\n")
+    fails(capsys, [*argv, "--model_name_or_path", str(tmp_path / "half")], 1, "has no config.json", out)
+    fails(capsys, [*argv, "--max_length", "128"], 1, "--max_length 128 is beyond the 63 positions", out)
+    # the config file
+    config = tmp_path / "c.yaml"
+    config.write_text("task_name: sst2\nlr: 0.1\n")
+    fails(capsys, ["--config", str(config), "--output_dir", str(out)], 2, "'lr' is now 'learning_rate'", out)
+    config.write_text("task_name: sst2\nweight_decy: 0.1\n")
+    fails(capsys, ["--config", str(config), "--output_dir", str(out)], 2, "did you mean 'weight_decay'?", out)
+    config.write_text("task_name: sst2\nr: true\n")
+    fails(capsys, [*argv, "--config", str(config)], 2, "r: expected", out)
+    fails(capsys, [*argv, "--config", str(tmp_path / "missing.yaml")], 2, "missing.yaml", out)
 
-    done = tmp_path / "done"
-    assert run_glue.main(args_for(model, files, "sst2", "lora", done)) == 0
+
+def test_a_damaged_checkpoint_is_named(assets, tmp_path, monkeypatch, capsys):
+    model, files = assets
+    out = tmp_path / "cut"
+    argv = args_for(model, files, "sst2", "lora", out)
+    with monkeypatch.context() as m:
+        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
+        with pytest.raises(Interrupted):
+            run_glue.main(argv)
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short (disk full, bad copy)
     capsys.readouterr()
-    assert run_glue.main(args_for(model, files, "sst2", "lora", done)) == 1
-    assert "--overwrite" in capsys.readouterr().err
-    assert run_glue.main(args_for(model, files, "sst2", "lora", done, "--overwrite")) == 0
+    err = fails(capsys, argv, 1, f"checkpoint {out / 'checkpoint-3'} is damaged (model.safetensors")
+    assert f"delete {out / 'checkpoint-3'} to resume from" in err and "--overwrite_output_dir to start afresh" in err
+    assert not (out / "results.json").exists()
+    assert run_glue.main([*argv, "--overwrite_output_dir"]) == 0  # the way out
+
+
+def test_config_file_is_defaults_the_command_line_overrides(tmp_path):
+    path = ROOT / "examples" / "NLU" / "configs" / "roberta_large_rte.yaml"
+    model_args, data_args, adapter_args, args = run_glue.parse_args(
+        ["--config", str(path), "--seed", "3", "--learning_rate", "2e-5", "--pad_to_max_length", "false",
+         "--target_modules", "query", "key", "value", "--output_dir", str(tmp_path)])
+    assert args.seed == 3 and args.learning_rate == 2e-5 and data_args.pad_to_max_length is False
+    assert adapter_args.target_modules == ["query", "key", "value"]
+    assert args.max_steps == 15000 and adapter_args.retrain_weight_decay == pytest.approx(0.3)  # from the YAML
+    assert args.adam_beta2 == 0.98 and args.max_grad_norm == 0.0 and args.upper_learning_rate == 1e-5
+    _, _, _, args = run_glue.parse_args(["--config", str(path), "--output_dir", str(tmp_path), "--hypergradient",
+                                         "neumann", "--neumann_alpha", "0.05", "--neumann_iterations", "7"])
+    assert (args.hypergradient, args.neumann_alpha, args.neumann_iterations) == ("neumann", 0.05, 7)
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\ntask_name: rte\nlearning_rate: 1e-5\nmax_steps: 1e3\n"
+                      "target_modules: '.*q'\nlr_scheduler_kwargs: {}\n")
+    _, _, adapter_args, args = run_glue.parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
+    assert args.learning_rate == 1e-5 and args.max_steps == 1000 and type(args.max_steps) is int  # YAML 1.1 strings
+    assert adapter_args.target_modules == ".*q"  # one string in YAML: a regular expression
+    # this script's defaults for the Trainer: train, evaluate every 100 steps, keep two checkpoints
+    _, _, _, args = run_glue.parse_args(["--model_name_or_path", "m", "--task_name", "rte", "--output_dir", "o"])
+    assert (args.do_train, args.do_eval, args.eval_strategy, args.eval_steps, args.save_total_limit) == (
+        True, True, "steps", 100, 2)
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_glue.parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for dataclass in (run_glue.ModelArguments, run_glue.DataTrainingArguments, run_glue.AdapterArguments):
+        for name, f in dataclass.__dataclass_fields__.items():
+            assert f"--{name}" in out
+            assert len(f.metadata.get("help", "")) > 15, name
+    bilevel = ("upper_fraction", "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient",
+               "unroll_steps", "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations", "orth_reg")
+    trainer = ("per_device_train_batch_size", "learning_rate", "max_steps", "num_train_epochs", "warmup_steps",
+               "do_train", "do_eval", "do_predict", "report_to", "output_dir", "max_grad_norm", "adam_beta2")
+    for name in (*bilevel, *trainer, "config"):
+        assert f"--{name} " in out, name  # every bi-level setting is exposed (neumann_alpha used not to be)
+
+
+def test_predictions_for_test_splits(assets, tmp_path):
+    model, files = assets
+    out = tmp_path / "pred"
+    assert run_glue.main(args_for(model, files, "sst2", "lora", out, "--do_predict", "--max_steps", "2")) == 0
+    lines = (out / "predict_results_test.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 17
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"negative", "positive"}
 
 
 def test_torchrun_two_processes(assets, tmp_path):
@@ -180,16 +338,12 @@ def test_torchrun_two_processes(assets, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free local port
-        "--nproc_per_node",
-        "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(ROOT / "examples" / "NLU" / "run_glue.py"),
-        *args_for(model, files, "sst2", "bidora", out, "--batch_size", "4"),
+        *args_for(model, files, "sst2", "bidora", out, "--per_device_train_batch_size", "4", "--use_cpu", "true"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["method"] == "bidora" and "validation" in results["eval"]
+    results = results_of(out)
+    assert results["method"] == "bidora" and results["world_size"] == 2 and "validation" in results["eval"]
+    assert "upper_loss" in (out / "log.csv").read_text()

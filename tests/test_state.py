@@ -248,3 +248,23 @@ def test_bidora_under_a_plain_trainer_fails_naming_bidora_trainer(tmp_path):
     args = TrainingArguments(str(tmp_path), max_steps=2, report_to="none", use_cpu=True, disable_tqdm=True)
     with pytest.raises(RuntimeError, match="BiDoRATrainer"):
         Trainer(model=model, args=args, train_dataset=Tokens()).train()
+
+
+def test_eval_norm_cache_sees_fused_optimizer_updates():
+    """torch.optim.AdamW(fused=True) (transformers' default optim) updates A and B without bumping their version
+    counters; an evaluation after a training step must not reuse the norm cached by an earlier evaluation."""
+    model = build("roberta", "dora", ["query", "value"], dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        outputs(model, "roberta")  # fills the eval-mode norm cache
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    outputs(model, "roberta").square().sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        got = outputs(model, "roberta")
+    fresh = build("roberta", "dora", ["query", "value"], dtype=torch.float32).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(got, outputs(fresh, "roberta"), rtol=0, atol=0)

@@ -128,7 +128,8 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(evals, dict):
         raise ValueError(f"{path}: 'eval' must be a {{split: {{metric: value}}}} mapping")
     history = raw.get("history") or []
-    has_retrain = ((raw.get("config") or {}).get("retrain_iterations") or 0) > 0 or any(
+    config = raw.get("config") or {}
+    has_retrain = (config.get("retrain_max_steps") or config.get("retrain_iterations") or 0) > 0 or any(
         h.get("phase") == "retrain" for h in history)
     # Rank means nothing for full fine-tuning; ignore whatever default the config carried.
     rank = None if method == "ft" or raw.get("rank") is None else int(raw["rank"])

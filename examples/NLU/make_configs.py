@@ -20,12 +20,18 @@ import yaml
 HERE = Path(__file__).resolve().parent
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 
-# Settings shared by every original script (original-code.md, "All scripts").
+# Settings shared by every original script (original-code.md, "All scripts"), as BiDoRATrainingArguments keys.
+# Where transformers' Trainer defaults differ from the original runs, the original value is written out:
+# no gradient clipping (max_grad_norm 0: Betty 0.2.1 never clips), AdamW betas (0.9, 0.98) and eps 1e-6, linear
+# warmup over 10% of the steps (warmup_steps 0.1 is a ratio) then linear decay, for both levels. Weight decay:
+# the Trainer exempts biases and LayerNorm weights, the original decayed every trainable tensor (see README.md).
 COMMON = dict(
     method="bidora", lora_dropout=0.0, hypergradient="darts", unroll_steps=1,
     darts_alpha=0.01,  # not set by the original scripts as far as documented: Betty's default
-    orth_reg=1e-5, upper_fraction=0.2, warmup_ratio=0.1, betas=[0.9, 0.98], eps=1e-6,
-    eval_every=100, checkpoint_every=1000, seed=0,
+    neumann_iterations=3, neumann_alpha=1.0, cg_iterations=3,  # our defaults; unused by darts
+    orth_reg=1e-5, upper_fraction=0.2, lr_scheduler_type="linear", warmup_steps=0.1, adam_beta1=0.9,
+    adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=0.0, eval_strategy="steps", eval_steps=100, save_steps=1000,
+    logging_steps=100, seed=0,
 )
 
 # (max_length, batch, lr, wd lower, wd upper, iterations, retrain (lr, iterations, wd) or None)
@@ -91,8 +97,8 @@ def estimate_hours(cfg: dict) -> float:
     """Rough GPU hours of one seed, training steps only (see the comment above)."""
     length = cfg["max_length"] if cfg["pad_to_max_length"] else min(cfg["max_length"],
                                                                    _TYPICAL_PADDED_LEN[cfg["task_name"]])
-    step_s = cfg["batch_size"] * length / _TOKENS_PER_S[cfg["model_name_or_path"]]
-    seconds = cfg["iterations"] * DARTS_PASSES * step_s + cfg["retrain_iterations"] * step_s
+    step_s = cfg["per_device_train_batch_size"] * length / _TOKENS_PER_S[cfg["model_name_or_path"]]
+    seconds = cfg["max_steps"] * DARTS_PASSES * step_s + cfg["retrain_max_steps"] * step_s
     return seconds / 3600.0
 
 
@@ -101,16 +107,20 @@ def estimate_hours(cfg: dict) -> float:
 
 def roberta_config(model: str, task: str, r: int = 4) -> dict:
     max_length, batch, lr, wd, upper_wd, iters, retrain = ORIGINAL[model][task]
+    bilevel = ("hypergradient", "unroll_steps", "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations",
+               "orth_reg", "upper_fraction")
+    schedule = ("lr_scheduler_type", "warmup_steps", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                "eval_strategy", "eval_steps", "save_steps", "logging_steps", "seed")
     return dict(
         model_name_or_path=model, task_name=task, method=COMMON["method"], r=r, lora_alpha=2 * r,
         lora_dropout=COMMON["lora_dropout"], target_modules=["query", "value"], modules_to_save=["classifier"],
-        max_length=max_length, pad_to_max_length=True, batch_size=batch, eval_batch_size=64,
-        lr=lr, weight_decay=wd, upper_lr=lr, upper_weight_decay=upper_wd, iterations=iters,
-        retrain_iterations=retrain[1] if retrain else 0,
-        retrain_lr=retrain[0] if retrain else None,
+        max_length=max_length, pad_to_max_length=True, per_device_train_batch_size=batch,
+        per_device_eval_batch_size=64, learning_rate=lr, weight_decay=wd, upper_learning_rate=lr,
+        upper_weight_decay=upper_wd, max_steps=iters,
+        retrain_max_steps=retrain[1] if retrain else 0,
+        retrain_learning_rate=retrain[0] if retrain else None,
         retrain_weight_decay=retrain[2] if retrain else None,
-        **{k: COMMON[k] for k in ("hypergradient", "unroll_steps", "darts_alpha", "orth_reg", "upper_fraction",
-                                  "warmup_ratio", "betas", "eps", "eval_every", "checkpoint_every", "seed")},
+        **{k: COMMON[k] for k in (*bilevel, *schedule)},
     )
 
 
@@ -122,9 +132,9 @@ def deberta_config(task: str) -> dict:
         target_modules=["query_proj", "value_proj"],
         # DeBERTa's pooler is not in the pretrained checkpoint: it is new, like the classifier, so it is trained.
         modules_to_save=["pooler", "classifier"],
-        max_length=max_length, pad_to_max_length=False, batch_size=32, eval_batch_size=32,
-        lr=lr, weight_decay=0.01, upper_lr=lr, upper_weight_decay=0.01, iterations=iters,
-        retrain_iterations=0, retrain_lr=None, retrain_weight_decay=None,
+        max_length=max_length, pad_to_max_length=False, per_device_train_batch_size=32, per_device_eval_batch_size=32,
+        learning_rate=lr, weight_decay=0.01, upper_learning_rate=lr, upper_weight_decay=0.01, max_steps=iters,
+        retrain_max_steps=0, retrain_learning_rate=None, retrain_weight_decay=None,
     )
     return cfg
 
@@ -172,7 +182,7 @@ def _yaml_value(v) -> str:
 def render_yaml(name: str, cfg: dict, comment: str) -> str:
     lines = [f"# {name}: BiDoRA on GLUE {cfg['task_name']} with {cfg['model_name_or_path']}.",
              f"# {comment}",
-             "# Generated by examples/NLU/make_configs.py; keys = options of examples/NLU/run_glue.py.", ""]
+             "# Generated by examples/NLU/make_configs.py; keys = options of examples/NLU/run_glue.py (--help).", ""]
     lines += [f"{k}: {_yaml_value(v)}" for k, v in cfg.items()]
     text = "\n".join(lines) + "\n"
     if yaml.safe_load(text) != cfg:  # the emitter above must round-trip exactly (types included)
@@ -183,29 +193,33 @@ def render_yaml(name: str, cfg: dict, comment: str) -> str:
 def render_script(name: str, cfg: dict) -> str:
     model = cfg["model_name_or_path"]
     hours = estimate_hours(cfg)
-    retrain = (f" + {cfg['retrain_iterations']} retraining steps" if cfg["retrain_iterations"] else "")
+    retrain = (f" + {cfg['retrain_max_steps']} retraining steps" if cfg["retrain_max_steps"] else "")
+    steps = (f"{cfg['max_steps']} bi-level{retrain}, batch {cfg['per_device_train_batch_size']}, "
+             f"max_length {cfg['max_length']}")
     return f"""#!/usr/bin/env bash
 # {name}: BiDoRA r={cfg['r']} on GLUE {cfg['task_name']} with {model}, one run per seed.
 # Settings: ../configs/{name}.yaml. Generated by examples/NLU/make_configs.py (edit the table there, regenerate).
-# Environment: SEEDS (default "0 1 2 3 4"), OUTPUT_ROOT (default <repo>/runs), PYTHON (default python).
-# Extra arguments are passed to run_glue.py and override the config, e.g. --method dora or --iterations 100.
+# Environment: SEEDS (default "0 1 2 3 4"), OUTPUT_ROOT (default <repo>/runs), PYTHON (default <repo>/.venv/bin/python
+# when it exists, else python3). Extra arguments go to run_glue.py and override the config, e.g. --method dora or
+# --max_steps 100. An unfinished run is resumed by the same command; a finished one is refused (--overwrite_output_dir).
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 ROOT="$(cd "$HERE/../../.." && pwd)"
+# shellcheck source=examples/python.sh
+source "$ROOT/examples/python.sh"  # sets PY
 SEEDS="${{SEEDS:-0 1 2 3 4}}"
 OUT="${{OUTPUT_ROOT:-$ROOT/runs}}/{name}"
 n_seeds=$(echo $SEEDS | wc -w)
 
 echo "== {name}: BiDoRA r={cfg['r']}, {cfg['task_name']}, {model}"
 echo "   model download (first run only): {model} {MODELS[model][1]}; data: nyu-mll/glue {cfg['task_name']}"
-echo "   steps: {cfg['iterations']} bi-level{retrain}, batch {cfg['batch_size']}, max_length {cfg['max_length']}"
+echo "   steps: {steps}"
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~{hours:.1f} h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top), $n_seeds seed(s): $SEEDS"
 echo "   outputs: $OUT/seed<N>"
 for seed in $SEEDS; do
   echo "-- {name} seed $seed"
-  # PYTHON is split into words on purpose (PYTHON="python -X dev" works).
-  ${{PYTHON:-python}} "$ROOT/examples/NLU/run_glue.py" --config "$HERE/../configs/{name}.yaml" \\
+  "${{PY[@]}}" "$ROOT/examples/NLU/run_glue.py" --config "$HERE/../configs/{name}.yaml" \\
     --seed "$seed" --output_dir "$OUT/seed$seed" "$@"
 done
 """

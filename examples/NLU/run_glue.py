@@ -1,220 +1,432 @@
-"""Fine-tune an encoder on a GLUE task (or a local-file task) with ft, LoRA, DoRA or BiDoRA.
+"""Fine-tune an encoder on a GLUE task (or a local-file task: the demo, proteins) with ft, LoRA, DoRA or BiDoRA.
 
     python examples/NLU/run_glue.py --config examples/NLU/configs/roberta_base_rte.yaml --seed 0 --output_dir runs/x
-    python examples/NLU/run_glue.py --help          # every option, also settable in the YAML config
+    python examples/NLU/run_glue.py --model_name_or_path roberta-base --task_name rte --method dora \
+        --learning_rate 4e-4 --max_steps 2000 --per_device_train_batch_size 32 --output_dir runs/y
+    python examples/NLU/run_glue.py --help       # every option; a --config YAML file sets any of them (flat keys)
 
-Every method goes through the same code path (data, model, loralib.trainer.train), so results are comparable.
-Writes ``output_dir/results.json`` (metrics of the selected model on every labelled dev/test split, history,
-config, versions, time, memory), ``log.csv``, ``checkpoints/`` (resumed automatically after a crash) and
-``adapter/`` (the selected adapter and head). Exit status: 0 on success, 1 on bad input (with a message), 2 on a
-bad command line or config.
+Laid out like transformers' own run_glue.py: ``HfArgumentParser`` over ``ModelArguments``, ``DataTrainingArguments``,
+``AdapterArguments`` and ``loralib.BiDoRATrainingArguments`` (every Trainer option and the bi-level ones); the
+values of ``--config file.yaml`` are defaults that the command line overrides. One ``loralib.BiDoRATrainer`` runs
+every method (ft, lora and dora exactly as a plain Trainer), so all of them go through one pipeline. It holds out
+``upper_fraction`` of train: BiDoRA's magnitudes train on it and every method is selected on it (``heldout``);
+``--select_on_dev`` selects on the first dev split over time instead (the original code's optimistic protocol,
+labelled ``dev_best_over_time``); BiDoRA with ``--retrain_max_steps N`` then retrains fresh directions on all of
+train with the magnitudes frozen and reports that final model (``final``), the search phase staying in the history.
+
+Writes ``output_dir/results.json`` (docs/CONTRACTS.md), ``adapter/``, ``log.csv``, ``snapshots/``, checkpoints
+while running. The same command resumes an unfinished run. Exit status: 0 done, 1 bad input (one ``error:`` line),
+2 bad command line or config.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import os
 import shutil
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 
 import torch  # noqa: E402
-from config import GlueRunConfig, parse_args, save_config  # noqa: E402
 from glue_data import GlueCollator, default_cache_dir, load_raw_splits, tokenize_split  # noqa: E402
 from glue_metrics import compute_metrics  # noqa: E402
-from glue_tasks import GlueTask, get_task  # noqa: E402
-from modeling import load_classifier  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from glue_tasks import TASK_NAMES, GlueTask, get_task  # noqa: E402
+from modeling import POOLINGS, load_classifier  # noqa: E402
+from run_helpers import (  # noqa: E402
+    RENAMED,
+    CsvLogCallback,
+    RunError,
+    SelectionCallback,
+    SnapshotCallback,
+    apply_config,
+    find_checkpoint,
+    history_rows,
+    inspect_output_dir,
+    load_pretrained,
+    logits_of,
+    metrics_at,
+    peak_memory_bytes,
+    position_limit,
+    versions,
+    write_predictions,
+)
+from transformers import HfArgumentParser, set_seed  # noqa: E402
+from transformers.training_args import IntervalStrategy  # noqa: E402
 
 import loralib  # noqa: E402
-from loralib.trainer import TrainerConfig, train  # noqa: E402
+from loralib import BiDoRATrainer, BiDoRATrainingArguments  # noqa: E402
+from loralib.io import atomic_write_text  # noqa: E402
 
-_RUN_FILES = ("results.json", "log.csv", "checkpoints", "adapter", "snapshots", "config.yaml", "tensorboard")
-
-
-def check_output_dir(cfg: GlueRunConfig) -> Path:
-    """Refuse a finished run or a foreign folder unless ``--overwrite``; an unfinished run of ours is resumed.
-
-    Only checks: nothing is created or deleted before the inputs have been validated.
-    """
-    if not cfg.output_dir:
-        raise ValueError("--output_dir is required")
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {out} is a file")
-    if out.is_dir() and any(out.iterdir()):
-        ours = {p.name for p in out.iterdir()} <= set(_RUN_FILES)
-        if not ours:
-            raise ValueError(f"{out} exists and holds files this runner did not write; choose another --output_dir")
-        if (out / "results.json").exists() and not cfg.overwrite:
-            raise ValueError(f"{out} already holds a finished run (results.json); pass --overwrite to replace it")
-    return out
+METHODS = ("ft", "lora", "dora", "bidora")
+# This script's defaults for Trainer options (the configs spell out the original runs' values).
+SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="steps", eval_steps=100, save_steps=500,
+                       save_total_limit=2, logging_steps=50)
+# Settings a resumed run must share with the run it continues (the rest, e.g. eval batch size, may change).
+TRAJECTORY = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+              "max_grad_norm", "max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "optim",
+              "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "upper_fraction",
+              "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient", "unroll_steps",
+              "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations", "orth_reg")
 
 
-def create_output_dir(cfg: GlueRunConfig, out: Path) -> None:
-    if out.is_dir() and cfg.overwrite:
-        shutil.rmtree(out)
-    elif (out / "checkpoints").exists():
-        print(f"resuming the unfinished run in {out}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Local folder or Hugging Face id of the pretrained encoder "
+                                                      "(its tokenizer is read from the same place)."})
+    pooling: str = field(default="cls", metadata={"help": "Task head: cls (the model's own sequence-classification "
+                         "head) or mean (a linear head on the masked mean of the last hidden states, for encoders "
+                         "trained as mean-pooled sentence embedders).", "choices": list(POOLINGS)})
 
 
-def space_residues(text: str) -> str:
-    """``"MKV"`` -> ``"M K V"``: per-residue vocabularies (AntiBERTy) need one token per character."""
-    return " ".join("".join(text.split()))
+@dataclass
+class DataTrainingArguments:
+    task_name: str = field(metadata={"help": f"Task, one of: {', '.join(TASK_NAMES)}."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv/.tsv/.json/.jsonl, "
+                                   "GLUE column names) instead of the hub; with any local file only local files "
+                                   "are read."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local dev file (MNLI: matched)."})
+    validation_mismatched_file: str | None = field(default=None, metadata={"help": "Local MNLI mismatched dev file."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test file; labels optional."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per example (longer ones are truncated); at most "
+                            "the model's number of positions."})
+    pad_to_max_length: bool = field(default=False, metadata={"help": "Pad every batch to max_length (the original "
+                                    "scripts) instead of to its longest example."})
+    space_residues: bool = field(default=False, metadata={"help": "Put a space between the characters of every "
+                                 "text (protein models with one token per residue, e.g. AntiBERTy)."})
+    token_cache: bool = field(default=True, metadata={"help": "Cache tokenised data under $LORALIB_CACHE_DIR "
+                              "(default ~/.cache/loralib)."})
+
+    def __post_init__(self) -> None:
+        self.task: GlueTask = get_task(self.task_name)
+        if self.validation_mismatched_file is not None and self.task.name != "mnli":
+            raise ValueError("--validation_mismatched_file is only for MNLI")
+        if self.max_length < 2:
+            raise ValueError(f"--max_length must be >= 2, got {self.max_length}")
 
 
-def load_datasets(cfg: GlueRunConfig, task: GlueTask, tokenizer) -> dict:
-    raw = load_raw_splits(
-        task,
-        train_file=cfg.train_file,
-        validation_file=cfg.validation_file,
-        validation_mismatched_file=cfg.validation_mismatched_file,
-        test_file=cfg.test_file,
+@dataclass
+class AdapterArguments:
+    method: str = field(default="bidora", metadata={"help": "ft (full fine-tuning), lora, dora or bidora.",
+                                                    "choices": list(METHODS)})
+    r: int = field(default=4, metadata={"help": "Adapter rank r (inner dimension of B A)."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input only."})
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"], metadata={
+        "help": "Module name suffixes to adapt, 'all-linear', or (one string in YAML) a regex on full names."})
+    modules_to_save: list[str] = field(default_factory=lambda: ["classifier"], metadata={
+        "help": "Modules trained in full, not adapted (the task head)."})
+    retrain_max_steps: int = field(default=0, metadata={"help": "BiDoRA's retraining phase: steps on all of train "
+                                   "with the searched magnitudes frozen (0: none)."})
+    retrain_learning_rate: float | None = field(default=None, metadata={"help": "Retraining lr (default: "
+                                                "learning_rate)."})
+    retrain_weight_decay: float | None = field(default=None, metadata={"help": "Retraining weight decay (default: "
+                                               "weight_decay)."})
+    retrain_reinit: bool = field(default=True, metadata={"help": "Retrain a fresh adapter and head (seeded), as the "
+                                 "original, instead of continuing from the searched ones."})
+    select_on_dev: bool = field(default=False, metadata={"help": "Report the best score on the first dev split over "
+                                "time (the original code; optimistic) instead of selecting on held-out train data."})
+    snapshots: int = field(default=4, metadata={"help": "Evenly spaced weight snapshots for "
+                           "utils/weight_decomposition.py (0: none)."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoint folders of a finished run "
+                                   "(they are for resuming; the reported adapter is in adapter/)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished or unfinished run in "
+                                       "output_dir instead of refusing it / resuming it."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.target_modules == ["all-linear"]:
+            self.target_modules = "all-linear"
+        if not self.target_modules:
+            raise ValueError("--target_modules must not be empty")
+        for name, ok in [("r", self.r >= 1), ("lora_alpha", self.lora_alpha > 0), ("snapshots", self.snapshots >= 0),
+                         ("lora_dropout", 0 <= self.lora_dropout < 1),
+                         ("retrain_max_steps", self.retrain_max_steps >= 0)]:
+            if not ok:
+                raise ValueError(f"--{name}: out of range, got {getattr(self, name)!r}")
+        if self.retrain_max_steps and self.method != "bidora":
+            raise ValueError("--retrain_max_steps is BiDoRA's retraining phase; use 0 for ft, lora and dora")
+
+
+def make_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdapterArguments, BiDoRATrainingArguments),
+                              allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file of options (keys = the option names); the command line "
+                        "overrides it.")
+    parser.set_defaults(**SCRIPT_DEFAULTS)
+    for action in parser._actions:
+        if action.dest == "output_dir":
+            action.required = True
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(model_args, data_args, adapter_args, training_args)``; exits with status 2 and a message on bad input."""
+    parser = make_parser()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    config = pre.parse_known_args(argv)[0].config
+    if config:
+        apply_config(parser, config)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:
+        parser.error(str(err))
+    if remaining:
+        hints = [f"{a} is now --{RENAMED[a[2:]]}" for a in remaining if a.startswith("--") and a[2:] in RENAMED]
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}" + (f" ({'; '.join(hints)})" if hints else ""))
+    model_args, data_args, adapter_args, args = parsed[:4]
+    problem = (
+        "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
+        if adapter_args.method == "bidora" and args.upper_fraction == 0 else
+        "--do_train false: this script trains one run (evaluate a saved adapter with loralib.load_adapters)"
+        if not args.do_train else
+        "--load_best_model_at_end: run_glue selects the reported model itself (held-out, or --select_on_dev)"
+        if args.load_best_model_at_end else
+        "--resume_from_checkpoint: run the same command again; it resumes from output_dir by itself"
+        if args.resume_from_checkpoint else
+        "--select_on_dev needs --do_eval" if adapter_args.select_on_dev and not args.do_eval else
+        "--gradient_accumulation_steps > 1 is not supported for bidora (one upper step per lower batch)"
+        if adapter_args.method == "bidora" and args.gradient_accumulation_steps > 1 else None
     )
+    if problem:
+        parser.error(problem)
+    return model_args, data_args, adapter_args, args
+
+
+# ---- data and model ---------------------------------------------------------------------------------------------
+def load_datasets(data_args: DataTrainingArguments, tokenizer) -> dict:
+    raw = load_raw_splits(data_args.task, train_file=data_args.train_file, validation_file=data_args.validation_file,
+                          validation_mismatched_file=data_args.validation_mismatched_file,
+                          test_file=data_args.test_file)
     if "train" not in raw:
-        raise ValueError("no training split: give --train_file (or use a hub task without local files)")
-    if cfg.space_residues:
+        raise RunError("no training split: give --train_file (or use a hub task without local files)")
+    if data_args.space_residues:  # "MKV" -> "M K V": one token per residue
         for split in raw.values():
-            split.texts = [[space_residues(t) for t in column] for column in split.texts]
-    cache = None if cfg.no_token_cache else default_cache_dir()
-    return {name: tokenize_split(split, tokenizer, cfg.max_length, cache_dir=cache) for name, split in raw.items()}
+            split.texts = [[" ".join("".join(t.split())) for t in column] for column in split.texts]
+    cache = default_cache_dir() if data_args.token_cache else None
+    return {name: tokenize_split(split, tokenizer, data_args.max_length, cache_dir=cache)
+            for name, split in raw.items()}
 
 
-def make_evaluate(task: GlueTask, collate, batch_size: int, bf16: bool):
-    """``evaluate(model, dataset) -> metrics``: batched inference in eval mode, then the task's metrics."""
-
-    @torch.no_grad()
-    def evaluate(model: torch.nn.Module, dataset) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        outputs, labels = [], []
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            gold = batch.pop("labels")
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(**batch).logits
-            outputs.append(logits.float().cpu())
-            labels.append(gold.cpu())
-        model.train(was_training)
-        return compute_metrics(task, torch.cat(outputs), torch.cat(labels))
-
-    return evaluate
+def build_model(model_args: ModelArguments, adapter_args: AdapterArguments, task: GlueTask):
+    try:
+        model = load_classifier(model_args.model_name_or_path, task.num_labels, pooling=model_args.pooling)
+    except Exception as err:  # missing or damaged weight files: transformers / safetensors errors of several kinds
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RunError(f"cannot load the weights of {model_args.model_name_or_path!r}: {first}") from None
+    if adapter_args.method != "ft":
+        config = loralib.AdapterConfig(method=adapter_args.method, r=adapter_args.r, lora_alpha=adapter_args.lora_alpha,
+                                       lora_dropout=adapter_args.lora_dropout,
+                                       target_modules=adapter_args.target_modules,
+                                       modules_to_save=adapter_args.modules_to_save)
+        print(loralib.apply_adapters(model, config), file=sys.stderr)
+    return model
 
 
-def compute_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+def flat_config(*groups) -> dict:
+    out = {}
+    for group in groups:
+        out.update(group.to_dict() if hasattr(group, "to_dict") else asdict(group))
+    return json.loads(json.dumps(out, default=str))
 
 
-def trainer_config(cfg: GlueRunConfig) -> TrainerConfig:
-    return TrainerConfig(
-        method=cfg.method,
-        iterations=cfg.iterations,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        upper_lr=cfg.upper_lr,
-        upper_weight_decay=cfg.upper_weight_decay,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        warmup_ratio=cfg.warmup_ratio,
-        hypergradient=cfg.hypergradient,
-        unroll_steps=cfg.unroll_steps,
-        darts_alpha=cfg.darts_alpha,
-        neumann_iterations=cfg.neumann_iterations,
-        cg_iterations=cfg.cg_iterations,
-        orth_reg=cfg.orth_reg,
-        upper_fraction=cfg.upper_fraction,
-        retrain_iterations=cfg.retrain_iterations,
-        retrain_lr=cfg.retrain_lr,
-        retrain_weight_decay=cfg.retrain_weight_decay,
-        retrain_reinit=cfg.retrain_reinit,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every or cfg.iterations + cfg.retrain_iterations,
-        snapshots=cfg.snapshots,
-        snapshot_modules=[cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
-        select_on_dev=cfg.select_on_dev,
-        seed=cfg.seed,
-        device=cfg.device,
-        bf16=cfg.bf16,
-        num_workers=cfg.num_workers,
-        progress=not cfg.no_progress,
-    )
+# ---- the run ------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything checked before the output folder is touched."""
+
+    status: str
+    tokenizer: object
+    data: dict
+    evals: dict
+    model: torch.nn.Module
+    trainable: dict
+    selection: str
+    select_metric: str
+    greater: bool
+    run_config: dict
+    search_done: bool = False
+    checkpoint: Path | None = None
 
 
-def run(cfg: GlueRunConfig) -> dict:
-    """One run: data, model, adapters, training, results.json. Returns the results dict."""
-    from transformers import AutoTokenizer
+def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapter_args: AdapterArguments,
+            args: BiDoRATrainingArguments) -> Plan:
+    """Check the output folder, load tokenizer, data and model, decide the selection and where to resume from.
+    Reads only: nothing is written before every input has been checked."""
+    task, out = data_args.task, Path(args.output_dir)
+    status = inspect_output_dir(out, adapter_args.overwrite_output_dir)
+    config, tokenizer = load_pretrained(model_args.model_name_or_path)
+    limit = position_limit(config)
+    if limit is not None and data_args.max_length > limit:
+        raise RunError(f"--max_length {data_args.max_length} is beyond the {limit} positions "
+                       f"{model_args.model_name_or_path} can read; use --max_length {limit} or less")
+    data = load_datasets(data_args, tokenizer)
+    evals = {n: d for n, d in data.items() if n != "train" and d.has_labels} if args.do_eval else {}
+    if adapter_args.select_on_dev and not evals:
+        raise RunError("--select_on_dev needs a labelled dev split (--validation_file)")
+    set_seed(args.seed)  # the head's initialisation depends on the seed only
+    model = build_model(model_args, adapter_args, task)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    task = get_task(cfg.task_name)
-    trainer_cfg = trainer_config(cfg)  # validates the training settings before anything is written
-    out = check_output_dir(cfg)
-    torch.manual_seed(cfg.seed)
+    # What is reported: the model best on held-out train data, the best dev score over time, or the final model.
+    metric = (args.metric_for_best_model or task.select_metric).removeprefix("eval_")
+    greater = args.greater_is_better if args.greater_is_better is not None else not metric.endswith("loss")
+    split = next((s for s in ("heldout", *evals) if metric.startswith(f"{s}_")), None)  # the user named one
+    metric = metric.removeprefix(f"{split}_") if split else metric
+    if split is None:
+        split = next(iter(evals)) if adapter_args.select_on_dev else "heldout"
+    if (adapter_args.retrain_max_steps or args.eval_strategy == IntervalStrategy.NO
+            or (split == "heldout" and args.upper_fraction == 0)):
+        selection, args.metric_for_best_model = "final", None
+    else:
+        selection = "heldout" if split == "heldout" else "dev_best_over_time"
+        args.metric_for_best_model, args.greater_is_better = f"{split}_{metric}", greater
+    plan = Plan(status, tokenizer, data, evals, model, trainable, selection, metric, greater,
+                flat_config(model_args, data_args, adapter_args, args))
+    if status == "resume":
+        saved = json.loads((out / "run_config.json").read_text()) if (out / "run_config.json").is_file() else {}
+        keys = [k for g in (model_args, data_args, adapter_args) for k in g.__dataclass_fields__
+                if k not in ("overwrite_output_dir", "token_cache", "snapshots", "keep_checkpoints")]
+        changed = [k for k in (*keys, *TRAJECTORY) if saved and saved.get(k) != plan.run_config.get(k)]
+        if changed:
+            raise RunError(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); run the same "
+                           "command, or pass --overwrite_output_dir to start afresh")
+        plan.search_done = adapter_args.retrain_max_steps > 0 and (out / "search_state.json").is_file()
+        required = ("trainer_state.json",) + (("selection.json",) if selection != "final" else ())
+        plan.checkpoint = find_checkpoint(out / "retrain" if plan.search_done else out, required)
+    return plan
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    data = load_datasets(cfg, task, tokenizer)
-    torch.manual_seed(cfg.seed)  # the head's initialisation depends on the seed only
-    model = load_classifier(cfg.model_name_or_path, task.num_labels, pooling=cfg.pooling)
-    if cfg.method != "ft":
-        summary = loralib.apply_adapters(
-            model,
-            loralib.AdapterConfig(
-                method=cfg.method,
-                r=cfg.r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.target_modules,
-                modules_to_save=cfg.modules_to_save,
-            ),
-        )
-        print(summary, file=sys.stderr)
-    collate = GlueCollator.from_tokenizer(tokenizer, pad_to_max_length=cfg.pad_to_max_length, max_length=cfg.max_length)
-    eval_sets = {name: ds for name, ds in data.items() if name != "train" and ds.has_labels}
-    create_output_dir(cfg, out)
-    extra = {
-        "task": task.name,
-        "model": cfg.model_name_or_path,
-        "method": cfg.method,
-        "rank": None if cfg.method == "ft" else cfg.r,
-        "seed": cfg.seed,
-        "paper_metric": task.paper_metric,
-        "select_metric": task.select_metric,
-        "pooling": cfg.pooling,
-        "run_config": cfg.to_dict(),
-        "data_sizes": {name: len(ds) for name, ds in data.items()},
+
+def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArguments, adapter_args: AdapterArguments,
+          args: BiDoRATrainingArguments) -> dict:
+    """Train (resuming where the plan says), select, write ``results.json``; returns the results."""
+    task, out, main, model, data, evals = data_args.task, Path(args.output_dir), args.process_index == 0, \
+        plan.model, plan.data, plan.evals
+    if plan.status == "resume":
+        print(f"resuming the unfinished run in {out}" + (f" from {plan.checkpoint}" if plan.checkpoint else ""),
+              flush=True)
+    with args.main_process_first(local=False, desc="output folder"):
+        if main and plan.status == "overwrite":
+            shutil.rmtree(out)
+        if main and plan.status != "resume":
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "run_config.json", json.dumps(plan.run_config, indent=2))
+    collate = GlueCollator.from_tokenizer(plan.tokenizer, pad_to_max_length=data_args.pad_to_max_length,
+                                          max_length=data_args.max_length)
+    extra = {"data_collator": collate, "compute_metrics": lambda p: compute_metrics(task, logits_of(p), p.label_ids)}
+
+    def phase(name, phase_args, offset, later, resume_from, **kw):
+        if not (evals or (name == "search" and args.upper_fraction > 0)):
+            phase_args.eval_strategy = IntervalStrategy.NO
+        trainer = BiDoRATrainer(model=model, args=phase_args, train_dataset=data["train"], eval_dataset=evals or None,
+                                **extra, **kw)
+        log = CsvLogCallback(out / "log.csv", name, offset)
+        selector = None
+        if name == "search" and plan.selection != "final":
+            selector = SelectionCallback("eval_" + trainer.args.metric_for_best_model, plan.trainable, plan.greater)
+            if resume_from is not None:
+                selector.load(resume_from)
+        snapshots = SnapshotCallback(model, out / "snapshots", adapter_args.snapshots, offset, later,
+                                     adapter_args.target_modules)
+        for callback in (log, snapshots, selector):
+            if callback is not None:
+                trainer.add_callback(callback)  # after BiDoRATrainer's upper step: they see the stepped magnitudes
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        splits = ["heldout", *evals]
+        rows = history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
+        if not any(r["step"] == offset + trainer.state.global_step for r in rows) and trainer.eval_dataset:
+            trainer.evaluate()  # the final model may be reported: make sure it was evaluated
+            rows = history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
+        return trainer, rows, selector, log
+
+    selector, retrain = None, adapter_args.retrain_max_steps > 0
+    if not plan.search_done:
+        trainer, history, selector, log = phase("search", args, 0, adapter_args.retrain_max_steps, plan.checkpoint)
+        steps, sizes = trainer.state.global_step, {"lower": len(trainer.train_dataset)}
+        if trainer.upper_dataset is not None:
+            sizes["heldout"] = len(trainer.upper_dataset)
+        if retrain and main:
+            loralib.save_adapters(model, out / "search_adapter")
+            atomic_write_text(out / "search_state.json", json.dumps({"history": history, "steps": steps,
+                                                                     "data_sizes": sizes}))
+    else:
+        state = json.loads((out / "search_state.json").read_text())
+        history, steps, sizes = state["history"], state["steps"], state["data_sizes"]
+        loralib.load_adapters(model, out / "search_adapter")
+    if retrain:
+        if adapter_args.retrain_reinit:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed + 7777)
+                loralib.reset_directions(model)
+        retrain_args = copy.copy(args)
+        retrain_args.output_dir, retrain_args.max_steps = str(out / "retrain"), adapter_args.retrain_max_steps
+        if adapter_args.retrain_learning_rate is not None:
+            retrain_args.learning_rate = adapter_args.retrain_learning_rate
+        if adapter_args.retrain_weight_decay is not None:
+            retrain_args.weight_decay = adapter_args.retrain_weight_decay
+        resume_from = plan.checkpoint if plan.search_done else None
+        trainer, rows, _, log = phase("retrain", retrain_args, steps, 0, resume_from, retrain=True)
+        history, steps = history + rows, steps + trainer.state.global_step
+
+    selection, selected_step = plan.selection, steps
+    if selector is not None and selector.weights is not None:
+        selector.restore()
+        selected_step = selector.step
+    elif selection != "final":
+        print(f"note: no evaluation of {args.metric_for_best_model} happened; the final model is reported",
+              file=sys.stderr)
+        selection = "final"
+    if args.do_predict:
+        write_predictions(trainer, data, task, out, main)
+    results = {
+        "task": task.name, "model": model_args.model_name_or_path, "method": adapter_args.method,
+        "rank": None if adapter_args.method == "ft" else adapter_args.r, "seed": args.seed,
+        "selection": selection, "selected_step": selected_step, "select_metric": plan.select_metric,
+        "paper_metric": task.paper_metric, "pooling": model_args.pooling,
+        "eval": metrics_at(history, selected_step, task.metric_names),
+        "final_eval": metrics_at(history, steps, task.metric_names), "history": history, "config": plan.run_config,
+        "trainable_parameters": sum(p.numel() for p in plan.trainable.values()),
+        "total_parameters": sum(p.numel() for p in model.parameters()), "wall_time_s": log.elapsed,
+        "peak_memory_bytes": peak_memory_bytes(args.device), "world_size": args.world_size,
+        "device": str(args.device), "versions": versions(),
+        "data_sizes": {"train": len(data["train"]), **sizes, **{n: len(d) for n, d in data.items() if n != "train"}},
     }
-    return train(
-        model,
-        data["train"],
-        collate,
-        compute_loss,
-        trainer_cfg,
-        out,
-        evaluate=make_evaluate(task, collate, cfg.eval_batch_size, cfg.bf16),
-        eval_datasets=eval_sets,
-        select_metric=task.select_metric,
-        extra_results=extra,
-    )
+    if main:
+        if loralib.get_adapter_config(model) is not None:
+            loralib.save_adapters(model, out / "adapter")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        if not adapter_args.keep_checkpoints:
+            for path in [*out.glob("checkpoint-*"), out / "retrain", out / "search_adapter", out / "search_state.json"]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    model_args, data_args, adapter_args, args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Subnormal floats (from DARTS' tiny finite differences) make CPU kernels ~10x slower; flush them to zero.
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # subnormals from darts' tiny finite differences make CPU kernels ~10x slower
+    if args.device.type == "cpu" and not args.use_cpu:
+        print("note: no GPU found: running on the CPU (fine for tests and the demo, slow for the GLUE settings)",
+              file=sys.stderr, flush=True)
     try:
-        results = run(cfg)
-    except (ValueError, FileNotFoundError) as err:
+        plan = prepare(model_args, data_args, adapter_args, args)
+    except (RunError, ValueError, OSError) as err:  # bad data files, no module matched, unreadable model, ...
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for split, metrics in results.get("eval", {}).items():
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        print(f"{split}: {shown}")
+    try:
+        results = train(plan, model_args, data_args, adapter_args, args)
+    except FloatingPointError as err:  # a diverging run: the checkpoints written so far are kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for split, metrics in results["eval"].items():
+        print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
 

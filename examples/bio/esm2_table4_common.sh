@@ -13,14 +13,14 @@
 #   FT_LR                   learning rate of full fine-tuning (default 2e-5; adapters use the config's lr)
 #   EXTRA_ARGS              more run_glue.py options, appended to every run (e.g. "--bf16")
 #   DRY_RUN=1               print the commands instead of running them
-#   PYTHON                  interpreter (default: the repository's .venv, else python3)
+#   PYTHON                  interpreter (default: the repository's .venv when it exists, else python3)
 
 esm2_table4_main() {
-  local here root py
+  local here root
   here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
   root="$(cd "$here/../.." && pwd)"
-  py="${PYTHON:-$root/.venv/bin/python}"
-  [[ -x "$py" ]] || py="$(command -v python3)"
+  # shellcheck source=examples/python.sh
+  source "$root/examples/python.sh"  # sets PY
 
   local train="${1:-${TRAIN_FILE:-}}" test="${2:-${TEST_FILE:-}}"
   local size="${ESM_SIZE:-650M}"
@@ -51,7 +51,7 @@ esm2_table4_main() {
 
   echo "== $TASK_TITLE with ESM-2 $size: LoRA/DoRA/BiDoRA comparison (hyper-parameters are ours: $config)" >&2
   local plan
-  plan="$("$py" "$here/plan.py" --train "$train" --test "$test" "${val_args[@]}" --size "$size" \
+  plan="$("${PY[@]}" "$here/plan.py" --train "$train" --test "$test" "${val_args[@]}" --size "$size" \
           --epochs "$epochs" --max-length "$MAX_LENGTH" --methods "$methods" --seeds "$seeds")"
   local ITERATIONS RETRAIN_ITERATIONS MODEL
   eval "$plan"
@@ -67,22 +67,22 @@ esm2_table4_main() {
         echo "skip $method seed $seed: $dir/results.json exists (OVERWRITE=1 to redo)" >&2
         continue
       fi
-      per_method=(--iterations "$ITERATIONS")
+      per_method=(--max_steps "$ITERATIONS")
       case "$method" in
-        ft) per_method+=(--lr "$ft_lr") ;;
+        ft) per_method+=(--learning_rate "$ft_lr") ;;
         # The small-data protocol: bi-level search on 80/20, then retrain a fresh adapter and head on all of train
         # with the magnitudes frozen at their searched values; the retrained model is reported.
-        bidora) per_method+=(--retrain_iterations "$RETRAIN_ITERATIONS") ;;
+        bidora) per_method+=(--retrain_max_steps "$RETRAIN_ITERATIONS") ;;
       esac
       local vfile=()
       [[ -n "$val" ]] && vfile=(--validation_file "$val")
       # shellcheck disable=SC2086  # EXTRA_ARGS is a list of options on purpose
-      "${run[@]}" "$py" "$root/examples/NLU/run_glue.py" --config "$config" --model_name_or_path "$MODEL" \
+      "${run[@]}" "${PY[@]}" "$root/examples/NLU/run_glue.py" --config "$config" --model_name_or_path "$MODEL" \
         --train_file "$train" --test_file "$test" "${vfile[@]}" --method "$method" --seed "$seed" \
         --output_dir "$dir" "${per_method[@]}" ${EXTRA_ARGS:-}
     done
   done
-  "${run[@]}" "$py" "$root/utils/report.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
+  "${run[@]}" "${PY[@]}" "$root/utils/report.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
     ${EXTRA_METRICS:+--extra-metrics "$EXTRA_METRICS"} --markdown "$out/comparison.md" --json "$out/comparison.json" \
     --figure "$out/comparison.png"
 }

@@ -6,9 +6,10 @@ Used by ``examples/bio/esm2_650m_*.sh``::
             --max-length 64 --methods "lora dora bidora" --seeds "0 1 2 3 4")"
 
 prints the plan on stderr and ``ITERATIONS=...`` / ``RETRAIN_ITERATIONS=...`` / ``MODEL=...`` on stdout (shell
-assignments). Iterations are whole epochs over the part each phase trains on: the lower 80% of train for the
-search phase (and for ft/LoRA/DoRA, which hold out the same 20% for model selection), all of train for BiDoRA's
-retraining. Exit status 1 with a message when a file is missing or is not a ``sequence,label`` CSV.
+assignments; the scripts pass them to run_glue.py as ``--max_steps`` and ``--retrain_max_steps``). They are whole
+epochs over the part each phase trains on: the lower 80% of train for the search phase (and for ft/LoRA/DoRA,
+which hold out the same 20% for model selection), all of train for BiDoRA's retraining. Exit status 1 with a
+message when a file is missing or is not a ``sequence,label`` CSV.
 
 The GPU time is an ESTIMATE (order of magnitude, not a measurement): 6·P FLOPs per token for full fine-tuning and
 4·P for an adapter step (no weight gradients), every sequence counted at ``max_length`` tokens (an upper bound:

@@ -16,8 +16,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[[ -x "$PY" ]] || PY="$(command -v python3)"
+# shellcheck source=examples/python.sh
+source "$ROOT/examples/python.sh"  # sets PY: $PYTHON, else .venv/bin/python when it exists, else python3
 OUT="${OUT_ROOT:-$ROOT/runs/antiberty_acp}"
 SEEDS="${SEEDS:-0 1 2 3 4}"
 METHODS="${METHODS:-lora dora bidora}"
@@ -43,16 +43,16 @@ echo "   model: AntiBERTy (25.8M parameters, ~104 MB, shipped by antiberty==0.1.
 echo "   time: ~200 s per seed for lora+dora+bidora on 2 idle CPU cores (measured; see examples/bio/README.md):" \
      "~$(( (200 * n_seeds + 59) / 60 )) min in all" >&2
 
-"$PY" examples/offline_packages.py install
+"${PY[@]}" examples/offline_packages.py install
 mkdir -p "$OUT"
 # The split (seeded, de-duplicated, stratified) is written next to the results: data/{train,test}.csv, split.json.
-"$PY" examples/bio/data.py modlamp --file ACP_CancPPD_vs_Random.csv --out "$OUT/data" --seed "$DATA_SEED" >&2
+"${PY[@]}" examples/bio/data.py modlamp --file ACP_CancPPD_vs_Random.csv --out "$OUT/data" --seed "$DATA_SEED" >&2
 # One folder with AntiBERTy's config, weights (symlink), vocab.txt and a do_lower_case=false tokenizer config,
 # checked so that no residue becomes [UNK] (examples/bio/antiberty_folder.py explains the two traps).
-"$PY" examples/bio/antiberty_folder.py "$OUT/model" >&2
+"${PY[@]}" examples/bio/antiberty_folder.py "$OUT/model" >&2
 
-overwrite=()  # an unfinished run (checkpoints/ without results.json) is resumed by run_glue.py unless OVERWRITE=1
-[[ "${OVERWRITE:-0}" == 1 ]] && overwrite=(--overwrite)
+overwrite=()  # an unfinished run (checkpoints, no results.json) is resumed by run_glue.py unless OVERWRITE=1
+[[ "${OVERWRITE:-0}" == 1 ]] && overwrite=(--overwrite_output_dir)
 for seed in $SEEDS; do
   for method in $METHODS; do
     dir="$OUT/$method/seed$seed"
@@ -63,20 +63,20 @@ for seed in $SEEDS; do
     case "$method" in
       # The baselines train on all of train (the data BiDoRA sees over its two phases) and report the final model,
       # like BiDoRA with retraining: same data, same number of direction steps, nothing selected on test.
-      ft) extra=(--iterations "$ITERATIONS" --lr "$FT_LR" --upper_fraction 0) ;;
-      lora|dora) extra=(--iterations "$ITERATIONS" --upper_fraction 0) ;;
-      bidora) extra=(--iterations "$BIDORA_SEARCH_ITERATIONS" --retrain_iterations "$BIDORA_RETRAIN_ITERATIONS") ;;
+      ft) extra=(--max_steps "$ITERATIONS" --learning_rate "$FT_LR" --upper_fraction 0) ;;
+      lora|dora) extra=(--max_steps "$ITERATIONS" --upper_fraction 0) ;;
+      bidora) extra=(--max_steps "$BIDORA_SEARCH_ITERATIONS" --retrain_max_steps "$BIDORA_RETRAIN_ITERATIONS") ;;
       *) echo "error: unknown method '$method' in METHODS (ft lora dora bidora)" >&2; exit 1 ;;
     esac
     echo "-- $method seed $seed" >&2
-    "$PY" examples/NLU/run_glue.py --config "$CONFIG" --model_name_or_path "$OUT/model" \
+    "${PY[@]}" examples/NLU/run_glue.py --config "$CONFIG" --model_name_or_path "$OUT/model" \
       --train_file "$OUT/data/train.csv" --test_file "$OUT/data/test.csv" \
-      --method "$method" --seed "$seed" --eval_every "$EVAL_EVERY" --output_dir "$dir" "${extra[@]}" "${overwrite[@]}"
+      --method "$method" --seed "$seed" --eval_steps "$EVAL_EVERY" --output_dir "$dir" "${extra[@]}" "${overwrite[@]}"
   done
 done
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"$PY" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
+"${PY[@]}" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
   --extra-metrics precision_weighted,recall_weighted,f1_weighted \
   --markdown "$OUT/comparison.md" --json "$OUT/comparison.json" --figure "$FIGURE" \
   --title "AntiBERTy on ACP vs random peptides (modlAMP), test accuracy"

