@@ -246,7 +246,8 @@ class BiDoRATrainer(Trainer):
                                       num_items_in_batch=num_items_in_batch)
         if not (self.method == "bidora" and model.training and self.args.orth_reg > 0):
             return result
-        penalty = self.args.orth_reg * orthogonality_penalty(self.model)
+        # right after this forward, at the same parameters: the layers' row norms and W0·Aᵀ are reused
+        penalty = self.args.orth_reg * orthogonality_penalty(self.model, reuse_forward=True)
         if return_outputs:
             return result[0] + penalty, result[1]
         return result + penalty

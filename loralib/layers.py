@@ -200,19 +200,24 @@ class AdapterLayer(nn.Module):
 
     def weight_norm(self) -> Tensor:
         """``‖W0 + s·BA‖`` per output row, factored (see the module docstring), differentiable in A and B."""
+        return self._norm_terms()[0]
+
+    def _norm_terms(self) -> tuple[Tensor, Tensor]:
+        """``(n, C)`` with ``C = W0 Aᵀ`` (out × r), both in the accumulation dtype (the regulariser reuses ``C``)."""
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
         with _full_precision_region(weight.device):
             weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
             w0_sq = self._base_row_norm_sq(weight)
-            cross = ((weight @ a.T) * b).sum(dim=1)
+            w0_at = weight @ a.T
+            cross = (w0_at * b).sum(dim=1)
             quad = ((b @ (a @ a.T)) * b).sum(dim=1)
             n_sq = w0_sq + (2.0 * s) * cross + (s * s) * quad
             # The floor keeps n (and m = n at init) a normal number of the magnitude's dtype: in fp16 an all-zero row
             # would otherwise give m = 0 and m / n = 0 / 0.
             tiny = max(torch.finfo(acc).tiny, torch.finfo(a.dtype).tiny ** 2)
             floor = torch.finfo(acc).eps * w0_sq + tiny
-            return n_sq.clamp_min(floor).sqrt()
+            return n_sq.clamp_min(floor).sqrt(), w0_at
 
     def _base_row_norm_sq(self, weight: Tensor) -> Tensor:
         """``‖W0‖²`` per row. W0 is frozen in fine-tuning: cache it (a full pass over W0 per step otherwise)."""
@@ -229,7 +234,7 @@ class AdapterLayer(nn.Module):
             self.__dict__[name] = cache
         return cache[1]
 
-    def orthogonality_distance(self) -> Tensor:
+    def orthogonality_distance(self, reuse_forward: bool = False) -> Tensor:
         """``‖V̂ V̂ᵀ − I‖_F`` for the unit direction rows ``V̂ = D⁻¹ V``, ``V = W0 + s·BA``, ``D = diag(n)``.
 
         Never forms ``V̂`` or any ``(out, out)`` matrix that autograd has to keep. With ``C = W0 Aᵀ``,
@@ -245,17 +250,24 @@ class AdapterLayer(nn.Module):
         """
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
+        # reuse_forward: n and W0 Aᵀ of this layer's last training forward (same parameters, same graph), consumed
+        # once; only for a caller that computes the penalty right after that forward (BiDoRATrainer.compute_loss).
+        terms = self.__dict__.pop("_forward_terms", None) if reuse_forward else None
+        if terms is None or not terms[0].requires_grad:
+            terms = self._norm_terms()
         with _full_precision_region(weight.device):
-            return self._orthogonality_distance(weight, a.to(acc), b.to(acc), s, acc)
+            return self._orthogonality_distance(weight, a.to(acc), b.to(acc), s, acc, *terms)
 
-    def _orthogonality_distance(self, weight: Tensor, a: Tensor, b: Tensor, s: float, acc: torch.dtype) -> Tensor:
+    def _orthogonality_distance(
+        self, weight: Tensor, a: Tensor, b: Tensor, s: float, acc: torch.dtype, norm: Tensor, w0_at: Tensor
+    ) -> Tensor:
         gram = self._cached("_w0_gram_cache", weight, lambda w: w.to(acc) @ w.to(acc).T)
         gram_sq = self._cached("_w0_gram_sq_cache", weight, lambda w: gram.square())
         r = self.r
         eye = torch.eye(r, dtype=acc, device=a.device)
         mix = torch.cat([torch.cat([torch.zeros_like(eye), s * eye], 1), torch.cat([s * eye, (s * s) * (a @ a.T)], 1)])
-        q = torch.cat([weight.to(acc) @ a.T, b], dim=1)  # (out, 2r)
-        u = self.weight_norm().to(acc).square().reciprocal()
+        q = torch.cat([w0_at, b], dim=1)  # (out, 2r)
+        u = norm.to(acc).square().reciprocal()
         scaled = u.unsqueeze(1) * q
         t = q.T @ scaled
         frob_sq = u @ (gram_sq @ u) + 2.0 * (mix * (scaled.T @ (gram @ scaled))).sum() + (mix @ t @ mix @ t).trace()
@@ -271,7 +283,8 @@ class AdapterLayer(nn.Module):
         norm_needs_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
         if self.training or norm_needs_grad or torch.compiler.is_compiling():
             self._norm_cache = None  # a step may follow, and fused optimisers update A, B without a version bump
-            norm = self.weight_norm()
+            norm, w0_at = self._norm_terms()
+            self.__dict__["_forward_terms"] = (norm, w0_at)
             return norm.detach() if self.detach_norm else norm
         # Inference: the norm only changes when A, B or W0 change; reuse it so DoRA costs what LoRA costs.
         weight = self.base_weight()

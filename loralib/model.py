@@ -403,17 +403,20 @@ def magnitude_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [layer.magnitude for _, layer in adapter_layers(model) if layer.decomposed]
 
 
-def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+def orthogonality_penalty(model: nn.Module, reuse_forward: bool = False) -> torch.Tensor:
     """Mean over decomposed layers of ``‖V̂ V̂ᵀ − I‖_F`` with ``V̂`` the row-normalised ``(out, in)`` direction.
 
     This is the paper's ``‖V̂ᵀV̂ − I‖_F`` written for PyTorch's ``(out, in)`` layout (the paper stores ``W`` as
     ``(in, out)`` with column norms): the Gram matrix of the unit direction vectors, whose diagonal is exactly 1.
     Computed in factored form (:meth:`AdapterLayer.orthogonality_distance`), never materialising the direction.
+    ``reuse_forward=True`` takes each layer's row norm and ``W0 Aᵀ`` from the model's last training forward (the
+    same graph, so the same value and gradient, at about half the cost); call it only right after that forward,
+    before any parameter update.
     """
     layers = [layer for _, layer in adapter_layers(model) if layer.decomposed]
     if not layers:
         raise ValueError("orthogonality_penalty needs DoRA/BiDoRA layers; the model has none")
-    return torch.stack([layer.orthogonality_distance() for layer in layers]).sum() / len(layers)
+    return torch.stack([layer.orthogonality_distance(reuse_forward) for layer in layers]).sum() / len(layers)
 
 
 def allow_joint_magnitude_training(model: nn.Module, allow: bool = True) -> None:

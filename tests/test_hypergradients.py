@@ -181,6 +181,7 @@ def _ddp_worker(rank, world, port, data, results):
             out[kind] = (loss, grads[0].tolist())  # plain floats: tensors in a queue die with the process
         if rank == 0:
             results.put(out)
+        dist.barrier()  # nobody tears gloo down while the other process still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -207,7 +208,7 @@ def test_two_processes_compute_the_global_batch_hypergradient(data):
     got = results.get(timeout=120)
     for p in ctx_procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
     x_lo, y_lo, x_up, y_up, m = data
     w = closed_form_w(m, x_lo, y_lo) + 0.2
     for kind, settings in CASES_DDP:

@@ -246,3 +246,20 @@ def test_orthogonality_distance_equals_dense_formula(kind, update):
     distance.backward()
     torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_orthogonality_reusing_the_forward_equals_recomputing(kind):
+    """The penalty right after a training forward may reuse its n and W0·Aᵀ: same value, same gradients."""
+    _, layer, _ = build("bidora", kind, 0.0)
+    layer.train()
+    x = make_input(kind)
+    layer(x)
+    reused = layer.orthogonality_distance(reuse_forward=True)
+    grads_reused = torch.autograd.grad(reused, (layer.lora_A, layer.lora_B))
+    fresh = layer.orthogonality_distance()
+    grads_fresh = torch.autograd.grad(fresh, (layer.lora_A, layer.lora_B))
+    torch.testing.assert_close(reused, fresh, rtol=1e-14, atol=0)
+    for g, h in zip(grads_reused, grads_fresh):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-14)
+    assert "_forward_terms" not in layer.__dict__  # consumed once: a later call never sees stale terms
