@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainerCallback, get_scheduler
 
 from .bilevel import BatchStream, LowerLevel, UpperLevel, _mix_seed, lower_config, split_indices
-from .io import adapter_state_dict
+from .io import _live_tensors
 from .model import direction_parameters, get_adapter_config, magnitude_parameters, orthogonality_penalty
 from .training_args import BiDoRATrainingArguments
 
@@ -105,18 +105,16 @@ class BiDoRATrainer(Trainer):
         self.method = adapter.method if adapter is not None else "ft"
         if retrain and self.method != "bidora":
             raise ValueError(f"retrain=True is BiDoRA's retraining phase; this model's adapters are {self.method!r}")
-        self.retraining = retrain
         self.bilevel = self.method == "bidora" and not retrain
         if retrain:
             lower_dataset = train_dataset
-            for p in magnitude_parameters(model):
-                p.requires_grad_(False)
         else:
             lower_dataset, upper_dataset = self._split(train_dataset, upper_dataset, args)
         if self.bilevel:
             self._check_supported(args, upper_dataset)
+        if self.method == "bidora":  # the upper level's (or, retraining, frozen): constants for the lower step
             for p in magnitude_parameters(model):
-                p.requires_grad_(False)  # the upper level's: constants for the Trainer's lower step
+                p.requires_grad_(False)
         evals = {} if eval_dataset is None else dict(eval_dataset) if isinstance(eval_dataset, dict) else {
             "validation": eval_dataset
         }
@@ -294,16 +292,17 @@ class BiDoRATrainer(Trainer):
         state): the frozen base is the pretrained model's, and a checkpoint of RoBERTa-large would otherwise hold it
         every time. ``save_model`` outside checkpoints writes the whole model (``loralib.from_pretrained`` loads it).
         """
-        if getattr(self, "_writing_checkpoint", False) and state_dict is None and self._frozen_keys():
-            frozen = self._frozen_keys()
+        frozen = self._frozen_keys() if getattr(self, "_writing_checkpoint", False) and state_dict is None else None
+        if frozen:
             state_dict = {k: v for k, v in self.model.state_dict().items() if k not in frozen}
         super()._save(output_dir, state_dict=state_dict)
 
     def _frozen_keys(self) -> set[str]:
         """State-dict keys of the frozen pretrained weights of an adapted model (empty for full fine-tuning)."""
-        if get_adapter_config(self.model) is None:
+        config = get_adapter_config(self.model)
+        if config is None:
             return set()
-        trainable = set(adapter_state_dict(self.model))
+        trainable = set(_live_tensors(self.model, config))  # names only: no copies of the tensors
         return {k for k, _ in self.model.named_parameters() if k not in trainable}
 
     def _issue_warnings_after_load(self, load_result) -> None:

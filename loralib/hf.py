@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .io import read_json
 from .model import CONFIG_KEY, AdapterConfig, adapter_layers, apply_adapters
 
 _ADAPTER_KEY = re.compile(r".*\.(lora_A|lora_B|magnitude|_extra_state)$")
@@ -61,13 +61,14 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors of the saved model, read alone (``from_pretrained`` has already read the base)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in _weight_files(directory):
         try:
-            loaded = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                tensors.update({k: handle.get_tensor(k) for k in handle.keys() if _ADAPTER_KEY.fullmatch(k)})
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted: {err})") from None
-        tensors.update({k: v for k, v in loaded.items() if _ADAPTER_KEY.fullmatch(k)})
     return tensors
 
 
@@ -86,10 +87,7 @@ def from_pretrained(model_class: type, pretrained_model_name_or_path: str | os.P
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}; not a folder written by save_pretrained")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    data = read_json(config_path)
     if CONFIG_KEY not in data:
         raise ValueError(
             f"{config_path} records no loralib adapters (no {CONFIG_KEY!r}); load it with "
