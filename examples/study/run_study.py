@@ -1,0 +1,320 @@
+"""Run the small-data study (examples/study/plan.py), one process per cell, resumably.
+
+    python examples/study/run_study.py                  # the whole study (~8-9 h on 2 CPU cores; resumable)
+    python examples/study/run_study.py --quick          # ACP N=200, core arms, 2 seeds (~15 min)
+    python examples/study/run_study.py --list           # the cells, in order, with done / to do
+    python examples/study/run_study.py --only 'rt-n200/*' --max-hours 2
+    python examples/study/run_study.py --device cuda    # on a GPU machine (results kept apart: results/study/cuda)
+
+A cell is done when ``RESULTS/<device>/<cell id>/cell.json`` exists (written last, next to the run's ``results.json``
+and ``log.csv``): finished cells are skipped, so the same command picks up a killed study where it stopped. A cell
+cut short resumes from its own checkpoints under ``WORK/runs/<cell id>`` (its wall time is then marked
+``resumed``: the cost table leaves it out). Bulky outputs (checkpoints, adapters, data, the per-cell console log)
+stay under WORK (default runs/study), which is not committed; RESULTS (default results/study) holds only the small
+files and is meant to be committed as cells finish -- this program never runs git.
+
+A cell that fails with run_glue.py's ``error:`` exit (a diverging run, bad input) is recorded as failed
+(``cell.json`` with ``"status": "failed"`` and the message) and the study goes on; ``--retry-failed`` runs those
+again. A cell killed by a signal is not recorded and reruns next time. Stop the study with Ctrl-C (the running cell
+stops too, its checkpoints stay).
+
+Cost: ``wall_s`` is the cell's process from start to exit (model loading, training, every evaluation);
+``peak_rss_bytes`` its peak resident memory (``os.wait4``); on CUDA ``results.json`` also has the peak allocated
+GPU memory. Exit status 0 when every selected cell is done, 1 when some failed, 2 on a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import offline_packages  # noqa: E402
+from plan import Cell, Study, build_study  # noqa: E402
+
+from loralib.io import atomic_write_text  # noqa: E402
+
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+ACP_FILE = "ACP_CancPPD_vs_Random.csv"
+
+
+# ---------------------------------------------------------------------------------------------- data and models
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run_quiet(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+
+
+def prepare_data(cell: Cell, work: Path) -> Path:
+    """Folder with ``train.csv`` / ``test.csv`` of ``cell`` (built once, reused by every arm).
+
+    Rotten Tomatoes (and the smoke slice): the test split of seed 0 (``test_size`` snippets, fixed for the whole
+    study), training movies drawn with the cell's seed (examples/demo/data.py ``--train-seed``), so the N = 200
+    set of seed s is inside its N = 500 set. ACP: the seeded split of examples/bio/data.py (seed 0, 25% test,
+    stratified: 619 / 207); N below 619 is a stratified sample of that train split drawn with the cell's seed.
+    """
+    ds, n, seed = cell.dataset, cell.size, cell.seed
+    if ds.name in ("rt", "smoke"):
+        out = work / "data" / ds.name / f"seed{seed}-n{n}"
+        if not (out / "split.json").is_file():
+            _run_quiet([sys.executable, str(ROOT / "examples/demo/data.py"), "rotten-tomatoes", "--out", str(out),
+                        "--train", str(n), "--test", str(ds.test_size), "--seed", "0", "--train-seed", str(seed),
+                        "--quiet"], f"building the Rotten Tomatoes data of {cell.id}")
+        return out
+    if ds.name == "acp":
+        full = work / "data" / "acp" / "full"
+        if not (full / "split.json").is_file():
+            _run_quiet([sys.executable, str(ROOT / "examples/bio/data.py"), "modlamp", "--file", ACP_FILE,
+                        "--out", str(full), "--seed", "0"], "building the ACP split")
+        import pandas as pd
+        from sklearn.model_selection import train_test_split
+
+        train = pd.read_csv(full / "train.csv")
+        if n == len(train):
+            return full
+        if n > len(train):
+            raise ValueError(f"{cell.id}: ACP has {len(train)} training sequences, fewer than N = {n}")
+        out = work / "data" / "acp" / f"seed{seed}-n{n}"
+        if not (out / "split.json").is_file():
+            part, _ = train_test_split(train, train_size=n, stratify=train["label"], random_state=seed)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "train.csv", part.to_csv(index=False, lineterminator="\n"))
+            shutil.copyfile(full / "test.csv", out / "test.csv")
+            atomic_write_text(out / "split.json", json.dumps({
+                "source": str(full), "train": n, "seed": seed, "scheme": "stratified sample of the full train split "
+                "(scikit-learn train_test_split, random_state = seed)"}, indent=2) + "\n")
+        return out
+    raise ValueError(f"no data for dataset {ds.name!r}")
+
+
+def model_dir(cell: Cell, work: Path) -> Path:
+    """The pretrained model's folder: MiniLM read in place from its package; AntiBERTy assembled once under WORK."""
+    if cell.dataset.name in ("rt", "smoke"):
+        return offline_packages.minilm_model_dir()
+    folder = work / "models" / "antiberty"
+    if not (folder / "tokenizer_config.json").is_file():
+        _run_quiet([sys.executable, str(ROOT / "examples/bio/antiberty_folder.py"), str(folder)],
+                   "assembling the AntiBERTy folder")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- one cell
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def cell_status(cell: Cell, results: Path) -> str:
+    """``done``, ``failed`` or ``todo``."""
+    record = results / cell.id / "cell.json"
+    if not record.is_file():
+        return "todo"
+    return json.loads(record.read_text()).get("status", "done")
+
+
+def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str]) -> dict:
+    """Run one cell to its end and record it; returns the record (``status`` done or failed).
+
+    Raises:
+        KeyboardInterrupt: the cell (or the study) was interrupted; nothing is recorded.
+    """
+    data, model = prepare_data(cell, work), model_dir(cell, work)
+    out = work / "runs" / cell.id
+    resumed = (out / "run_config.json").is_file() and not (out / "results.json").is_file()
+    if (out / "results.json").is_file():  # finished before, never recorded (killed in between): run it afresh
+        shutil.rmtree(out)
+    cmd = [sys.executable, str(ROOT / "examples/NLU/run_glue.py"), "--config", str(ROOT / cell.dataset.config),
+           "--model_name_or_path", str(model), "--train_file", str(data / "train.csv"),
+           "--test_file", str(data / "test.csv"), "--output_dir", str(out),
+           "--use_cpu", "true" if device == "cpu" else "false", *cell.flags(), *extra]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    console = out.parent / f"{out.name}.console.txt"
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
+    with open(console, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV}, cwd=ROOT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+    wall, code = time.monotonic() - t0, os.waitstatus_to_exitcode(status)
+    if code < 0:  # killed by a signal (the study being stopped, the OOM killer): not a result; rerun next time
+        raise KeyboardInterrupt(f"{cell.id}: run_glue.py was killed by signal {-code}")
+    dest = results / cell.id
+    dest.mkdir(parents=True, exist_ok=True)
+    record = {
+        "cell": cell.id, "dataset": cell.dataset.name, "size": cell.size, "arm": cell.arm.name,
+        "label": cell.arm.label, "method": cell.arm.method, "factor": cell.arm.factor, "level": cell.arm.level,
+        "group": cell.group, "seed": cell.seed, "epochs": cell.epochs, "steps": cell.steps,
+        "retrain_steps": cell.steps if cell.arm.retrain else 0,
+        "status": "done" if code == 0 else "failed", "exit_code": code,
+        "wall_s": round(wall, 3), "peak_rss_bytes": usage.ru_maxrss * 1024, "resumed": resumed,
+        "device": device, "device_name": _device_name(device), "host": socket.gethostname(),
+        "cpu_count": os.cpu_count(), "started": started, "loralib_commit": _git_commit(),
+        "command": [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[1:]],
+        "data_sha256": {s: _sha256(data / f"{s}.csv") for s in ("train", "test")},
+    }
+    if code == 0:
+        for name in ("results.json", "log.csv"):
+            shutil.copyfile(out / name, dest / name)
+    else:
+        tail = console.read_text().strip().splitlines()
+        record["error"] = next((line for line in reversed(tail) if line.startswith("error:")), "\n".join(tail[-5:]))
+    atomic_write_text(dest / "cell.json", json.dumps(record, indent=2) + "\n")  # last: marks the cell recorded
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def select(study: Study, patterns: list[str] | None) -> list[Cell]:
+    if not patterns:
+        return study.cells
+    cells = [c for c in study.cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
+    if not cells:
+        raise ValueError(f"--only {patterns}: no cell of the {study.name} study matches (see --list)")
+    return cells
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
+
+
+def _estimate(cell: Cell, seen: dict[tuple, list[float]]) -> float | None:
+    times = seen.get((cell.dataset.name, cell.size, cell.arm.name))
+    return sorted(times)[len(times) // 2] if times else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(description=doc.split("\n", 1)[0], epilog=doc.split("\n", 2)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--quick", action="store_const", const="quick", dest="study", help="one size, 2 seeds")
+    kind.add_argument("--smoke", action="store_const", const="smoke", dest="study", help="seconds (the tests')")
+    p.set_defaults(study="full")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1 (default 5; --quick uses the first 2)")
+    p.add_argument("--only", action="append", default=None, metavar="GLOB",
+                   help="only cells whose id matches (e.g. 'rt-n200/*', '*/bidora/seed0'); repeatable")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "study",
+                   help="committed small files: RESULTS/<device>/<cell>/ (default results/study)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "study", help="bulky outputs (default runs/study)")
+    p.add_argument("--max-hours", type=float, default=None, help="start no new cell after this many hours")
+    p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--list", action="store_true", help="list the cells and their state; run nothing")
+    p.add_argument("extra", nargs=argparse.REMAINDER,
+                   help="after --: more run_glue.py flags for every cell (e.g. -- --no_token_cache)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    try:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+        cells = select(build_study(args.study, range(args.seeds)), args.only)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+    results = args.results / args.device
+    states = {c.id: cell_status(c, results) for c in cells}
+    if args.list:
+        for c in cells:
+            print(f"{states[c.id]:7s} {c.id}  ({c.steps} steps{' + retrain' if c.arm.retrain else ''})")
+        print(f"{sum(s == 'done' for s in states.values())} done, {sum(s == 'failed' for s in states.values())} "
+              f"failed, {sum(s == 'todo' for s in states.values())} to do", file=sys.stderr)
+        return 0
+    todo = [c for c in cells if states[c.id] == "todo" or (args.retry_failed and states[c.id] == "failed")]
+    print(f"== study '{args.study}' on {args.device}: {len(cells)} cells, {len(cells) - len(todo)} already "
+          f"recorded under {results}, {len(todo)} to run (bulky outputs: {args.work})", flush=True)
+    offline_packages.install_missing()
+    seen: dict[tuple, list[float]] = {}
+    for c in cells:
+        record = results / c.id / "cell.json"
+        if states[c.id] == "done" and record.is_file():
+            r = json.loads(record.read_text())
+            if not r.get("resumed"):
+                seen.setdefault((c.dataset.name, c.size, c.arm.name), []).append(r["wall_s"])
+    t_start, failed = time.monotonic(), []
+    for i, cell in enumerate(todo, 1):
+        spent = time.monotonic() - t_start
+        if args.max_hours is not None and spent > args.max_hours * 3600:
+            print(f"stopping: --max-hours {args.max_hours} reached after {i - 1} cells; {len(todo) - i + 1} left "
+                  "(run the same command to go on)", flush=True)
+            break
+        print(f"[{i}/{len(todo)}] {cell.id} ({cell.steps} steps{' + retrain' if cell.arm.retrain else ''}) ...",
+              end=" ", flush=True)
+        try:
+            r = run_cell(cell, args.work, results, args.device, extra)
+        except KeyboardInterrupt as stop:
+            print(f"\ninterrupted{f': {stop}' if str(stop) else ''}; run the same command to go on", flush=True)
+            return 130
+        except (RuntimeError, ValueError, OSError) as err:
+            print(f"\nerror: {err}", file=sys.stderr)
+            return 1
+        seen.setdefault((cell.dataset.name, cell.size, cell.arm.name), []).append(r["wall_s"])
+        left = [_estimate(c, seen) for c in todo[i:]]
+        known = [t for t in left if t is not None]
+        eta = f", about {_fmt_s(sum(known))} for {len(known)} of the {len(left)} left" if known else ""
+        if r["status"] == "failed":
+            failed.append(cell.id)
+            print(f"FAILED in {_fmt_s(r['wall_s'])}: {r['error']}", flush=True)
+        else:
+            test = json.loads((results / cell.id / "results.json").read_text())["eval"].get("test", {})
+            score = ", ".join(f"{k} {v:.4f}" for k, v in list(test.items())[:1])
+            print(f"done in {_fmt_s(r['wall_s'])} (test {score}){eta}", flush=True)
+    if failed:
+        print(f"{len(failed)} cell(s) failed (recorded; --retry-failed reruns them): {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
