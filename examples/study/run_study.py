@@ -18,9 +18,12 @@ A cell that fails with run_glue.py's ``error:`` exit (a diverging run, bad input
 again. A cell killed by a signal is not recorded and reruns next time. Stop the study with Ctrl-C (the running cell
 stops too, its checkpoints stay).
 
-Cost: ``wall_s`` is the cell's process from start to exit (model loading, training, every evaluation);
-``peak_rss_bytes`` its peak resident memory (``os.wait4``); on CUDA ``results.json`` also has the peak allocated
-GPU memory. Exit status 0 when every selected cell is done, 1 when some failed, 2 on a bad command line.
+Cost: ``wall_s`` is the cell's process from start to exit (model loading, training, every evaluation), ``cpu_s``
+its CPU time (user + system; about 2 × wall_s on 2 idle cores, less when something else shared them: the
+report uses the ratio to flag cells whose wall time is inflated), ``peak_rss_bytes`` its peak resident memory
+(``os.wait4``); on CUDA ``results.json`` also has the peak allocated GPU memory.
+
+Exit status 0 when every selected cell is done, 1 when some failed, 2 on a bad command line.
 """
 
 from __future__ import annotations
@@ -186,7 +189,9 @@ def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str
         "group": cell.group, "seed": cell.seed, "epochs": cell.epochs, "steps": cell.steps,
         "retrain_steps": cell.steps if cell.arm.retrain else 0,
         "status": "done" if code == 0 else "failed", "exit_code": code,
-        "wall_s": round(wall, 3), "peak_rss_bytes": usage.ru_maxrss * 1024, "resumed": resumed,
+        "wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_bytes": usage.ru_maxrss * 1024, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "resumed": resumed,
         "device": device, "device_name": _device_name(device), "host": socket.gethostname(),
         "cpu_count": os.cpu_count(), "started": started, "loralib_commit": _git_commit(),
         "command": [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[1:]],
