@@ -15,8 +15,8 @@ files and is meant to be committed as cells finish -- this program never runs gi
 
 A cell that fails with run_glue.py's ``error:`` exit (a diverging run, bad input) is recorded as failed
 (``cell.json`` with ``"status": "failed"`` and the message) and the study goes on; ``--retry-failed`` runs those
-again. A cell killed by a signal is not recorded and reruns next time. Stop the study with Ctrl-C (the running cell
-stops too, its checkpoints stay).
+again. A cell killed by a signal is not recorded and reruns next time. Stop the study with Ctrl-C or ``kill PID``
+(the running cell stops too, its checkpoints stay).
 
 Cost: ``wall_s`` is the cell's process from start to exit (model loading, training, every evaluation), ``cpu_s``
 its CPU time (user + system; about 2 × wall_s on 2 idle cores, less when something else shared them: the
@@ -175,7 +175,7 @@ def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
+            proc.terminate()  # run_glue.py keeps its checkpoints; the same cell resumes from them next time
             proc.wait()
             raise
     wall, code = time.monotonic() - t0, os.waitstatus_to_exitcode(status)
@@ -252,8 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt(f"received signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C, and `kill PID` of a study started in the background (where the shell made it ignore SIGINT), stop
+    # the running cell and the study the same way.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     try:
         if args.seeds < 1:
