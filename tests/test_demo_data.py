@@ -112,6 +112,28 @@ def test_rt_deterministic_for_seed_and_differs_across_seeds(rt_builds):
     assert set(_read_split(a, "test")["sentence"]) != set(_read_split(c, "test")["sentence"])
 
 
+def test_rt_train_seed_fixes_test_varies_movies_and_nests_sizes(rt_builds, corpus, tmp_path):
+    """The study's learning curves: one test split (that of ``seed``) for every train size and seed; the training
+    movies drawn with ``train_seed``; for one train_seed the smaller train split is inside the larger one."""
+    builds = {(n, ts): demo.build_rotten_tomatoes(tmp_path / f"{n}-{ts}", n, 200, seed=0, train_seed=ts,
+                                                  verbose=False) for n, ts in ((150, 1), (400, 1), (150, 2))}
+    test = _read_split(rt_builds["a"][0], "test")  # seed 0 without train_seed: the same test rows, same order
+    movies_of = corpus.groupby("key")["movie_name"].agg(set).to_dict()
+    trains = {}
+    for (n, ts), summary in builds.items():
+        out = summary.out_dir
+        assert _read_split(out, "test").equals(test)
+        trains[(n, ts)] = _read_split(out, "train")
+        assert len(trains[(n, ts)]) == n
+        train_movies = set().union(*(movies_of[_key(s)] for s in trains[(n, ts)]["sentence"]))
+        test_movies = set().union(*(movies_of[_key(s)] for s in test["sentence"]))
+        assert not train_movies & test_movies
+        assert json.loads((out / "split.json").read_text())["train_seed"] == ts
+    assert set(trains[(150, 1)]["sentence"]) <= set(trains[(400, 1)]["sentence"])
+    assert len(set(trains[(150, 1)]["sentence"]) & set(trains[(150, 2)]["sentence"])) < 150 // 2
+    assert _read_split(rt_builds["a"][0], "train")["sentence"].tolist() != trains[(400, 1)]["sentence"].tolist()
+
+
 def _write_rt_corpus(path: Path, rows: list[tuple[str, str, str]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -176,3 +176,16 @@ def format_wilcoxon_markdown(report: WilcoxonReport, labels: dict[str, str] | No
     if report.unpaired:
         lines += ["", "Without a partner (not in the test):"] + [f"- {u}" for u in report.unpaired]
     return "\n".join(lines) + "\n"
+
+
+def holm_adjust(p_values) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p values (Holm 1979, "A simple sequentially rejective multiple
+    test procedure"): sort ascending, ``p_(i) · (m − i + 1)`` (i from 1), made non-decreasing, capped at 1, returned
+    in the input order. Rejecting where the adjusted p < α controls the family-wise error rate at α. ``None``
+    entries (no test possible) are left out of the family and stay ``None``."""
+    present = [(i, float(p)) for i, p in enumerate(p_values) if p is not None]
+    m, adjusted, running = len(present), [None] * len(p_values), 0.0
+    for rank, (i, p) in enumerate(sorted(present, key=lambda x: x[1])):
+        running = max(running, min(1.0, p * (m - rank)))
+        adjusted[i] = running
+    return adjusted

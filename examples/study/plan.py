@@ -116,7 +116,7 @@ SENSITIVITY_ARMS = (
     _sensitivity("orth_reg", "1e-03", "--orth_reg", "0.001"),
     _sensitivity("upper_fraction", "0.3", upper_fraction=0.3),
     _sensitivity("upper_fraction", "0.5", upper_fraction=0.5),
-    _sensitivity("upper_lr", "×0.1", "--upper_learning_rate", "{lr_x0.1}"),
+    _sensitivity("upper_lr", "×0.1", "--upper_learning_rate", "{lr_tenth}"),
     _sensitivity("upper_lr", "×10", "--upper_learning_rate", "{lr_x10}"),
     _sensitivity("hypergradient", "neumann", "--hypergradient", "neumann", "--neumann_alpha", str(NEUMANN_ALPHA),
                  "--neumann_iterations", str(NEUMANN_ITERATIONS)),
@@ -153,7 +153,7 @@ class Cell:
     def flags(self) -> list[str]:
         """run_glue.py flags of this cell (model, data, output folder and device are the runner's)."""
         lr = float(self.dataset.settings()["learning_rate"])
-        arm_flags = [f.format(**{"lr_x0.1": f"{lr * 0.1:g}", "lr_x10": f"{lr * 10:g}"}) for f in self.arm.flags]
+        arm_flags = [f.format(lr_tenth=f"{lr * 0.1:g}", lr_x10=f"{lr * 10:g}") for f in self.arm.flags]
         flags = ["--method", self.arm.method, "--seed", str(self.seed), "--max_steps", str(self.steps),
                  "--per_device_train_batch_size", str(self.dataset.batch),
                  "--eval_steps", str(self.steps_per_epoch), "--save_steps", str(self.steps_per_epoch),
