@@ -12,7 +12,7 @@ DEMO_TASK ?= rotten_tomatoes
 DEMO_RUN ?= runs/demo/$(DEMO_TASK)
 ACP_RUN ?= runs/antiberty_acp
 
-.PHONY: setup test lint demo assets bench clean
+.PHONY: setup test lint demo assets bench clean study study-quick study-report
 
 setup: $(STAMP)
 
@@ -46,6 +46,18 @@ assets:
 	    echo "$$src.{png,json} -> $$dst.{png,json} (seeds: $$(sed -n '/"expected_seeds"/,/]/p' "$$src.json" | tr -dc '0-9,' | sed 's/,$$//'))"; \
 	  else echo "skip $$dst: no $$src.png / $$src.json (run it first)"; fi; \
 	done; [ $$n -gt 0 ] || { echo "error: nothing to copy" >&2; exit 1; }
+
+# The small-data study (README "Where BiDoRA helps, measured"): resumable, one process per cell; the small per-cell
+# files land in results/study/<device>/ (commit them), bulky ones in runs/study/. STUDY_ARGS: e.g. --max-hours 2.
+study: $(STAMP)
+	$(PY) examples/study/run_study.py $(STUDY_ARGS)
+
+study-quick: $(STAMP)
+	$(PY) examples/study/run_study.py --quick $(STUDY_ARGS)
+
+# Every study table and figure from results/study, written into assets/study (the README's copies).
+study-report: $(STAMP)
+	$(PY) utils/study_report.py results/study --out assets/study
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py

@@ -132,12 +132,14 @@ def measure(trainer, heldout_batch: dict, reference_iterations: int = 60) -> dic
                 p.requires_grad_(True)
             hessian = LowerHessian(lower, mags)
             lam_max, lam_min = hessian.extremes()
+            print(f"  λ_max {lam_max:.4g}, λ_min {lam_min:.4g}", file=sys.stderr, flush=True)
             loss = trainer._task_loss(heldout_batch)
             v = torch.autograd.grad(loss, params, allow_unused=True)
             v = [torch.zeros_like(p) if g is None else g for g, p in zip(v, params)]
             t0 = time.perf_counter()
             x, residual = hessian.solve(v, reference_iterations)
             ref = [-g for g in hessian.cross(x)]
+            print(f"  reference solved (relative residual {residual:.2g})", file=sys.stderr, flush=True)
             t_ref = time.perf_counter() - t0
             hv = hessian.hvp(v)
             rayleigh_v = float(sum((a * b).sum() for a, b in zip(v, hv)) / sum((a * a).sum() for a in v))
@@ -161,6 +163,7 @@ def measure(trainer, heldout_batch: dict, reference_iterations: int = 60) -> dic
                                   for k in (3, 10, 30)], *[(f"cg{k}", {"cg_iterations": k}) for k in (3, 10)]]
         for name, cfg in cases:
             total, seconds[name] = run(name.rstrip("0123456789"), **cfg)
+            print(f"  {name}: {seconds[name]:.1f} s", file=sys.stderr, flush=True)
             estimates[name] = [t - d for t, d in zip(total, direct)]
         estimates["first_order"] = [torch.zeros_like(d) for d in direct]
         ref_total = [d + r for d, r in zip(direct, ref)]
