@@ -62,7 +62,7 @@ def test_sensitivity_arms_change_exactly_one_setting():
     cells = [c for c in plan.build_study("full").cells if c.group == "sensitivity" and c.seed == 0]
     base = _flag_dict(next(c for c in plan.build_study("full").cells if c.id == "rt-n200/bidora/seed0").flags())
     assert {(c.arm.factor, c.arm.level) for c in cells} == {
-        ("upper_fraction", "0.3"), ("upper_fraction", "0.5"), ("upper_lr", "×0.1"), ("upper_lr", "×10"),
+        ("upper_fraction", "0.3"), ("upper_fraction", "0.5"), ("upper_lr", "x0.1"), ("upper_lr", "x10"),
         ("hypergradient", "first_order"), ("hypergradient", "neumann"), ("unroll_steps", "5"), ("orth_reg", "0"),
         ("orth_reg", "1e-03")}
     lr = float(plan.RT.settings()["learning_rate"])
@@ -74,7 +74,7 @@ def test_sensitivity_arms_change_exactly_one_setting():
         else:
             assert len(changed) == 1, (c.id, changed)
         if c.arm.factor == "upper_lr":
-            assert float(flags["--upper_learning_rate"]) == pytest.approx(lr * (0.1 if c.arm.level == "×0.1" else 10))
+            assert float(flags["--upper_learning_rate"]) == pytest.approx(lr * (0.1 if c.arm.level == "x0.1" else 10))
         assert c.size == 200 and c.dataset is plan.RT
 
 
@@ -119,18 +119,19 @@ def _write_cell(root: Path, *, dataset="rt", size=200, arm="dora", seed=0, value
     d.mkdir(parents=True)
     cell = {"cell": f"{dataset}-n{size}/{arm}/seed{seed}", "dataset": dataset, "size": size, "arm": arm,
             "method": method, "factor": factor, "level": level, "group": group, "seed": seed, "status": status,
-            "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": 10**9, "resumed": resumed, "device": device}
+            "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": 10**9, "resumed": resumed, "device": device,
+            "host": "h", "default_level": {"orth_reg": "1e-05", "unroll_steps": "1"}.get(factor)}
     if status != "done":
         cell["error"] = "error: diverged"
     (d / "cell.json").write_text(json.dumps(cell))
-    history = []
+    history = [{"step": 40, "phase": "search", "split": "test", "accuracy": value, "runtime": 7.0}]
     if method == "bidora":
-        # two search evaluations: held-out best at step 20, where test = search_value
-        history = [{"step": 10, "phase": "search", "split": "heldout", "accuracy": 0.5},
-                   {"step": 10, "phase": "search", "split": "test", "accuracy": 0.1},
-                   {"step": 20, "phase": "search", "split": "heldout", "accuracy": 0.6},
-                   {"step": 20, "phase": "search", "split": "test", "accuracy": search_value},
-                   {"step": 40, "phase": "retrain", "split": "test", "accuracy": value}]
+        # two search evaluations: held-out best at step 20, where test = search_value; 3 test evaluations of 5 s
+        history = [{"step": 10, "phase": "search", "split": "heldout", "accuracy": 0.5, "runtime": 1.0},
+                   {"step": 10, "phase": "search", "split": "test", "accuracy": 0.1, "runtime": 5.0},
+                   {"step": 20, "phase": "search", "split": "heldout", "accuracy": 0.6, "runtime": 1.0},
+                   {"step": 20, "phase": "search", "split": "test", "accuracy": search_value, "runtime": 5.0},
+                   {"step": 40, "phase": "retrain", "split": "test", "accuracy": value, "runtime": 5.0}]
         (d / "log.csv").write_text("step,phase,elapsed_s\n20,search,30.0\n40,retrain,70.0\n")
     (d / "results.json").write_text(json.dumps({"method": method, "seed": seed, "eval": {"test": {"accuracy": value}},
                                                 "select_metric": "accuracy", "history": history,
@@ -148,7 +149,7 @@ def test_report_tables_match_explicit_statistics(tmp_path):
                 truth[(size, arm, seed)] = v
                 truth[(size, "bidora:search", seed)] = sv
                 _write_cell(tmp_path, size=size, arm=arm, seed=seed, value=v, search_value=sv,
-                            cpu=200.0 if seed else 120.0)  # seed 0 shared the machine
+                            cpu=185.0 if seed else 120.0, wall=100.0 if seed else 150.0)  # seed 0 shared the machine
     text, summary, study, _ = study_report.build_report(tmp_path)
     rows = summary["curves"]["cpu/rt"]["rows"]
     for size in (200, 500):
@@ -163,10 +164,16 @@ def test_report_tables_match_explicit_statistics(tmp_path):
     assert pooled["p_two_sided"] == pytest.approx(wilcoxon(diffs).pvalue)
     lo, hi = pooled["ci"]
     assert lo < np.mean(diffs) < hi
-    # cost: seed 0 (cpu/wall 1.2 < 1.6) is left out of the medians; the search-only row's wall is wall - retrain
+    # cost: seed 0 (CPU/wall 0.8 < 0.8 x 1.85) is left out of the medians; method time = wall - test evaluations;
+    # the search-only row's wall is wall - retraining (log.csv), its test evaluations the search phase's
     cost = {(r["size"], r["row"]): r for r in summary["cost"]["rows"]}
-    assert cost[(200, "dora")]["shared"] == 1 and cost[(200, "dora")]["median_wall_s"] == 100.0
+    assert cost[(200, "dora")]["excluded"] == 1 and cost[(200, "dora")]["median_wall_s"] == 100.0
+    assert cost[(200, "dora")]["median_method_s"] == 93.0 and cost[(200, "lora")]["method_time_vs_dora"] == 1.0
+    assert cost[(200, "bidora")]["median_method_s"] == 85.0
+    assert cost[(200, "bidora")]["method_time_vs_dora"] == pytest.approx(85.0 / 93.0)
     assert cost[(200, "bidora:search")]["median_wall_s"] == pytest.approx(100.0 - (70.0 - 30.0))
+    assert cost[(200, "bidora:search")]["median_method_s"] == pytest.approx(60.0 - 10.0)
+    assert not any(r["only_excluded_cells"] for r in summary["cost"]["rows"])
     assert "Sensitivity" in text and not summary["open"] and not summary["failed"]
 
 
@@ -182,7 +189,7 @@ def test_report_sensitivity_holm_failed_open_and_devices_kept_apart(tmp_path):
             _write_cell(tmp_path, arm=arm, seed=s, value=v + shift + 0.001 * s, search_value=v, group="sensitivity",
                         factor=factor, level=level)
     _write_cell(tmp_path, arm="bidora-upper_lr=x10", seed=0, status="failed", group="sensitivity",
-                factor="upper_lr", level="×10")
+                factor="upper_lr", level="x10")
     _write_cell(tmp_path, arm="lora", seed=0, value=0.5)  # one seed of five: open
     _write_cell(tmp_path, arm="dora", seed=0, value=0.99, device="cuda")  # never paired with a CPU seed
     _write_cell(tmp_path, arm="bidora", seed=0, value=0.10, search_value=0.1, device="cuda")
@@ -204,6 +211,13 @@ def test_report_sensitivity_holm_failed_open_and_devices_kept_apart(tmp_path):
     assert summary["pooled"]["bidora - dora | cuda | rt"]["n"] == 1
     study_report.plot_sensitivity(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_sensitivity_without_its_default_is_named_not_dropped(tmp_path):
+    _write_cell(tmp_path, arm="bidora-orth_reg=0", seed=0, value=0.7, search_value=0.7, group="sensitivity",
+                factor="orth_reg", level="0")
+    text, summary, _, _ = study_report.build_report(tmp_path)
+    assert "no default BiDoRA cell to compare with yet" in text and summary["sensitivity"]["rows"] == []
 
 
 def test_report_errors_are_sentences(tmp_path, capsys):
@@ -251,6 +265,12 @@ def test_smoke_study_runs_resumes_records_failures_and_reports(tmp_path):
     assert record["status"] == "failed" and "max_length" in record["error"]
     listed = _run_study("--results", str(tmp_path / "r2"), "--list")
     assert "failed  smoke-n48/lora/seed0" in listed.stdout
+    # a record made with other plan flags is stale (it would run again from scratch)
+    path = results / "cpu/smoke-n48/dora/seed0/cell.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record | {"plan_flags": record["plan_flags"] + ["--orth_reg", "0.5"]}))
+    assert "stale   smoke-n48/dora/seed0" in _run_study(*common, "--list").stdout
+    path.write_text(json.dumps(record))
     # and the report reads the real records
     assert study_report.main([str(results), "--out", str(tmp_path / "report")]) == 0
     for name in ("study.md", "study.json", "learning_curve.png", "sensitivity.png"):

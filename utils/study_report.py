@@ -1,6 +1,6 @@
 """Tables and figures of the small-data study (examples/study) from its per-cell result files.
 
-    python utils/study_report.py [RESULTS] [--out DIR] [--device cpu]
+    python utils/study_report.py [RESULTS] [--out DIR]
 
 RESULTS (default results/study) holds ``<device>/<dataset>-n<N>/<arm>/seed<k>/{cell.json,results.json,log.csv}``
 as examples/study/run_study.py writes them. Writes ``DIR/study.md`` (every table), ``DIR/study.json``,
@@ -15,10 +15,11 @@ What is compared (test accuracy, in percent points; nothing is selected on test)
   percentile bootstrap interval, Wilcoxon signed-rank p; utils/significance.py);
 * headline: BiDoRA − DoRA and BiDoRA − DoRA-early-stopped pooled over seeds × sizes (Wilcoxon on all pairs);
 * sensitivity: every one-factor arm (and retraining off) against the default BiDoRA on the same seeds, Holm-adjusted
-  over the family of those comparisons;
-* cost: median wall time, CPU time and peak memory per cell, and the ratio to DoRA's wall time. Cells whose CPU
-  time is under 1.6 × their wall time shared the machine with other work (on 2 cores a lone cell uses about 2×):
-  they are counted and left out of the medians when unshared cells exist.
+  within each (device, dataset, N);
+* cost: median wall time, the test evaluations inside it, the method's own time (wall − test evaluations) and its
+  ratio to DoRA's, CPU time and peak memory. A CPU cell whose CPU seconds per wall second are below 0.8 × the best
+  seen on its host shared the machine with other work; shared and resumed cells are counted and left out of the
+  medians (shared ones are used, marked *, when no other cell exists; resumed ones never).
 
 Results of different devices are never paired (each device is its own section). Failed cells are listed with
 their error; cells of a grid with fewer seeds than the most complete cell are listed as open.
@@ -53,7 +54,7 @@ from utils.significance import PairedTest, holm_adjust, paired_test  # noqa: E40
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC = "accuracy"
-SHARED_CPU_RATIO = 1.6  # cpu_s / wall_s below this: the cell shared the 2 cores with other work
+SHARED_FRACTION = 0.8  # CPU seconds per wall second below this fraction of the host's best: shared with other work
 SEARCH = "search"  # suffix of the search-only row of a BiDoRA arm
 CORE_ROWS = ("lora", "dora", "dora_es", "bidora:search", "bidora")
 ROW_LABELS = {"lora": "LoRA", "dora": "DoRA", "dora_es": "DoRA, early-stopped (80/20)",
@@ -79,7 +80,12 @@ class Point:
     peak_rss_bytes: int | None
     factor: str | None = None
     level: str | None = None
+    default_level: str | None = None
     group: str = "curve"
+    test_eval_s: float | None = None  # seconds spent evaluating the test split (the study's, not the method's)
+    host: str = ""
+    shared: bool = False  # the cell shared the machine with other work (set by load_study)
+    resumed: bool = False
 
 
 @dataclass
@@ -119,7 +125,9 @@ def load_study(results: str | Path) -> StudyResults:
         try:
             cell = json.loads(path.read_text(encoding="utf-8"))
             key = dict(device=cell["device"], dataset=cell["dataset"], size=int(cell["size"]), seed=int(cell["seed"]),
-                       factor=cell.get("factor"), level=cell.get("level"), group=cell.get("group", "curve"))
+                       factor=cell.get("factor"), level=cell.get("level"), default_level=cell.get("default_level"),
+                       group=cell.get("group", "curve"), host=str(cell.get("host", "")),
+                       resumed=bool(cell.get("resumed")))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not a study cell record ({err!r})") from err
         if cell.get("status") != "done":
@@ -127,16 +135,38 @@ def load_study(results: str | Path) -> StudyResults:
                                "error": cell.get("error", "")})
             continue
         run = load_run(path.parent / "results.json")
-        cost = dict(wall_s=cell.get("wall_s"), cpu_s=cell.get("cpu_s"), peak_rss_bytes=cell.get("peak_rss_bytes"))
-        if cell.get("resumed"):
-            cost = dict(wall_s=None, cpu_s=None, peak_rss_bytes=None)  # a resumed cell's time is partial
+        cost = dict(wall_s=cell.get("wall_s"), cpu_s=cell.get("cpu_s"), peak_rss_bytes=cell.get("peak_rss_bytes"),
+                    test_eval_s=_test_eval_seconds(run.history))
         out.points.append(Point(row=cell["arm"], value=100 * metric_value(run, "test", METRIC), **key, **cost))
         if cell.get("method") == "bidora":
-            _, values = search_only_value(run, "test", [METRIC])
-            search_cost = dict(cost, wall_s=_search_wall(cell, path.parent) if cost["wall_s"] else None,
-                               cpu_s=None)
+            step, values = search_only_value(run, "test", [METRIC])
+            search_cost = dict(cost, wall_s=_search_wall(cell, path.parent) if cost["wall_s"] else None, cpu_s=None,
+                               test_eval_s=_test_eval_seconds([h for h in run.history if h.get("phase") == "search"]))
             out.points.append(Point(row=f"{cell['arm']}:{SEARCH}", value=100 * values[METRIC], **key, **search_cost))
+    _mark_shared(out.points)
     return out
+
+
+def _test_eval_seconds(history: list[dict]) -> float | None:
+    """Seconds spent evaluating the test split (None when the history predates the ``runtime`` field)."""
+    rows = [h for h in history if h.get("split") == "test"]
+    if not rows or any("runtime" not in h for h in rows):
+        return None
+    return float(sum(h["runtime"] for h in rows))
+
+
+def _mark_shared(points: list[Point]) -> None:
+    """A CPU cell shared the machine when its CPU time per wall second is below 0.8 × the best one seen on that host
+    (a lone cell keeps every core it uses busy; on 2 cores a lone cell measures about 1.85, a shared one 1.0-1.3)."""
+    best: dict[str, float] = {}
+    for p in points:
+        if p.device == "cpu" and p.cpu_s and p.wall_s:
+            best[p.host] = max(best.get(p.host, 0.0), p.cpu_s / p.wall_s)
+    by_cell = {(p.device, p.dataset, p.size, p.row.partition(":")[0], p.seed): p for p in points if p.cpu_s}
+    for p in points:
+        owner = by_cell.get((p.device, p.dataset, p.size, p.row.partition(":")[0], p.seed))
+        if owner is not None and owner.device == "cpu" and owner.wall_s:
+            p.shared = owner.cpu_s / owner.wall_s < SHARED_FRACTION * best[owner.host]
 
 
 # ------------------------------------------------------------------------------------------------------- tables
@@ -230,86 +260,119 @@ def pooled_tests(points: list[Point]) -> tuple[str, dict]:
                              f"{_p(t.p_two_sided)} | {_p(t.p_greater)} |")
                 data[f"{a} - {b} | {device} | {scope}"] = {"n": t.n, "mean": t.mean_diff, "ci": [t.ci_low, t.ci_high],
                                                            "p_two_sided": t.p_two_sided, "p_greater": t.p_greater}
-    return "\n".join(lines) + "\n", data
+    caveat = ("\nThe pooled test treats every (dataset, N, seed) pair as independent. They are not quite: for one seed "
+              "the smaller Rotten Tomatoes training set is inside the larger one, and every size shares one test set, "
+              "so the pooled p is somewhat optimistic; the per-size tables above carry no such assumption.\n")
+    return "\n".join(lines) + "\n" + caveat, data
 
 
 def sensitivity_table(points: list[Point]) -> tuple[str, dict, list[dict]]:
-    """Each sensitivity arm (retrained, and search only) against the default BiDoRA on the same seeds, and
-    retraining off (default's search-only row) against on; Holm over the retrained-model family."""
+    """Per (device, dataset, N) with sensitivity cells: each arm against the default BiDoRA on the same seeds (the
+    reported, retrained model; and search only against the default's search only), plus retraining off (the
+    default's search-only row) against on; two-sided Wilcoxon p, Holm-adjusted within that group."""
     sens = [p for p in points if p.group == "sensitivity"]
     rows: list[dict] = []
+    blocks: list[str] = []
     for device, dataset, size in sorted({(p.device, p.dataset, p.size) for p in sens}):
-        series = _series([p for p in points if (p.device, p.dataset, p.size) == (device, dataset, size)])
-        base, base_search = (series.get((device, dataset, size, r)) for r in ("bidora", "bidora:search"))
+        where = [p for p in points if (p.device, p.dataset, p.size) == (device, dataset, size)]
+        series = _series(where)
+        base, base_search = (series.get((device, dataset, size, r)) for r in ("bidora", f"bidora:{SEARCH}"))
+        title = f"### {DATASET_TITLES.get(dataset, dataset)}, N = {size} ({device})"
         if base is None:
+            blocks.append(f"{title}\n\n(sensitivity cells recorded, but no default BiDoRA cell to compare with yet)\n")
             continue
-        comparisons = [("retrain", "off", f"bidora:{SEARCH}", None)]
-        arms = sorted({(p.factor, p.level, p.row) for p in sens if (p.device, p.dataset, p.size) ==
-                       (device, dataset, size) and not p.row.endswith(f":{SEARCH}")})
-        comparisons += [(f, lv, row, f"{row}:{SEARCH}") for f, lv, row in arms]
-        for factor, level, row, search_row in comparisons:
-            s = series.get((device, dataset, size, row))
+        arms = sorted({(p.factor, p.level, p.default_level, p.row) for p in where
+                       if p.group == "sensitivity" and not p.row.endswith(f":{SEARCH}")})
+        group = [dict(factor="retrain", level="off", default="on", row=f"bidora:{SEARCH}", search_row=None)]
+        group += [dict(factor=f, level=lv, default=d, row=row, search_row=f"{row}:{SEARCH}") for f, lv, d, row in arms]
+        entries = []
+        for g in group:
+            s = series.get((device, dataset, size, g["row"]))
             if s is None:
                 continue
-            _, t = paired_differences(s, base)
-            entry = {"device": device, "dataset": dataset, "size": size, "factor": factor, "level": level,
-                     "row": row, "series": s, "test": t}
-            if search_row is not None and base_search is not None and (ss := series.get((device, dataset, size,
-                                                                                          search_row))):
+            entry = {"device": device, "dataset": dataset, "size": size, **g, "series": s,
+                     "test": paired_differences(s, base)[1]}
+            ss = series.get((device, dataset, size, g["search_row"])) if g["search_row"] else None
+            if ss is not None and base_search is not None:
                 entry["search"], entry["search_test"] = ss, paired_differences(ss, base_search)[1]
-            rows.append(entry)
-    for entry, adj in zip(rows, holm_adjust([e["test"].p_two_sided for e in rows])):
-        entry["p_holm"] = adj
-    lines = ["| factor = level | retrained: accuracy | − default [95% bootstrap] | p | p (Holm) | "
-             "search only: accuracy | − default's search only |", "|---|---|---|---:|---:|---|---|"]
-    for e in rows:
-        lines.append(f"| {e['factor']} = {e['level']} | {_ms(e['series'])} | {_ci(e['test'])} | "
-                     f"{_p(e['test'].p_two_sided)} | {_p(e['p_holm'])} | {_ms(e.get('search'))} | "
-                     f"{_ci(e['search_test']) if 'search_test' in e else '–'} |")
+            entries.append(entry)
+        for entry, adj in zip(entries, holm_adjust([e["test"].p_two_sided for e in entries])):
+            entry["p_holm"] = adj
+        lines = [title, "", f"Default BiDoRA (retrained): {_ms(base)}; its search only: {_ms(base_search)}", "",
+                 "| factor = level (default) | accuracy | − default [95% bootstrap] | p | p (Holm) | "
+                 "search only: accuracy | − default's search only |", "|---|---|---|---:|---:|---|---|"]
+        for e in entries:
+            what = "search only (no retraining)" if e["factor"] == "retrain" else "retrained"
+            lines.append(f"| {e['factor']} = {e['level']} ({e['default'] or '?'}; {what}) | {_ms(e['series'])} | "
+                         f"{_ci(e['test'])} | {_p(e['test'].p_two_sided)} | {_p(e['p_holm'])} | "
+                         f"{_ms(e.get('search'))} | {_ci(e['search_test']) if 'search_test' in e else '–'} |")
+        blocks.append("\n".join(lines) + "\n")
+        rows += entries
     data = [{k: v for k, v in e.items() if k not in ("series", "search", "test", "search_test")}
             | {"mean": e["series"].mean, "std": e["series"].std, "seeds": e["series"].seeds,
                "diff": e["test"].mean_diff, "ci": [e["test"].ci_low, e["test"].ci_high],
                "p_two_sided": e["test"].p_two_sided} for e in rows]
-    return "\n".join(lines) + "\n", {"rows": data}, rows
+    return "\n".join(blocks), {"rows": data}, rows
 
 
 def cost_table(points: list[Point]) -> tuple[str, dict]:
-    """Median wall time, CPU time, peak memory per (device, dataset, N, row), and wall time / DoRA's."""
+    """Per (device, dataset, N, row): medians of wall time, of the test evaluations inside it, of the method's own
+    time (wall − test evaluations) and its ratio to DoRA's, CPU time and peak memory; over the cells that neither
+    shared the machine nor resumed (all cells, marked *, when no such cell exists)."""
     groups: dict[tuple, list[Point]] = defaultdict(list)
     for p in points:
         groups[(p.device, p.dataset, p.size, p.row)].append(p)
 
     def med(values):
+        values = [v for v in values if v is not None]
         return float(np.median(values)) if values else None
 
-    def unshared(ps):
-        timed = [p for p in ps if p.wall_s]
-        clean = [p for p in timed if p.cpu_s is None or p.cpu_s >= SHARED_CPU_RATIO * p.wall_s]
-        return (clean or timed), len(timed) - len(clean)
+    def usable(ps):  # a resumed cell's times cover its last part only: never used
+        timed = [p for p in ps if p.wall_s and not p.resumed]
+        clean = [p for p in timed if not p.shared]
+        return (clean, False) if clean else (timed, bool(timed))
 
-    walls = {k: med([p.wall_s for p in unshared(ps)[0]]) for k, ps in groups.items()}
-    lines = ["| device | dataset | N | arm | cells | shared | median wall (s) | × DoRA | median CPU (s) | "
-             "peak RSS (GB) | accuracy − DoRA |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def own(p):
+        return p.wall_s - p.test_eval_s if p.wall_s and p.test_eval_s is not None else None
+
+    own_time = {k: med([own(p) for p in usable(ps)[0]]) for k, ps in groups.items()}
+    lines = ["| device | dataset | N | arm | cells | excluded | median wall (s) | of which test eval (s) | "
+             "method time (s) | × DoRA | median CPU (s) | peak RSS (GB) | accuracy − DoRA |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     data = []
     order = {r: i for i, r in enumerate(CORE_ROWS)}
     series = _series(points)
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], order.get(k[3], 99), k[3])):
         ps = groups[key]
-        used, shared = unshared(ps)
-        wall, dora = walls[key], walls.get((*key[:3], "dora"))
-        cpu, rss = med([p.cpu_s for p in used if p.cpu_s]), med([p.peak_rss_bytes for p in used if p.peak_rss_bytes])
+        used, only_shared = usable(ps)
+        star = "*" if only_shared else ""
+        wall, evals = med([p.wall_s for p in used]), med([p.test_eval_s for p in used])
+        mine, dora = own_time[key], own_time.get((*key[:3], "dora"))
+        cpu, rss = med([p.cpu_s for p in used]), med([p.peak_rss_bytes for p in used])
         diff = None
         if (sd := series.get((*key[:3], "dora"))) is not None:
             diff = paired_differences(series[key], sd)[1].mean_diff
-        ratio = wall / dora if wall and dora else None
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_label(key[3])} | {len(ps)} | {shared} | "
-                     f"{'–' if wall is None else f'{wall:.0f}'} | {'–' if ratio is None else f'{ratio:.2f}'} | "
-                     f"{'–' if cpu is None else f'{cpu:.0f}'} | {'–' if rss is None else f'{rss / 1e9:.2f}'} | "
-                     f"{'–' if diff is None else f'{diff:+.2f}'} |")
+        ratio = mine / dora if mine and dora else None
+
+        def num(x, fmt="{:.0f}", star=star):
+            return "–" if x is None else fmt.format(x) + star
+
+        excluded = sum(p.shared or p.resumed for p in ps)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_label(key[3])} | {len(ps)} | {excluded} | {num(wall)} | "
+                     f"{num(evals)} | {num(mine)} | {num(ratio, '{:.2f}')} | {num(cpu)} | "
+                     f"{'–' if rss is None else f'{rss / 1e9:.2f}'} | {'–' if diff is None else f'{diff:+.2f}'} |")
         data.append({"device": key[0], "dataset": key[1], "size": key[2], "row": key[3], "cells": len(ps),
-                     "shared": shared, "median_wall_s": wall, "wall_vs_dora": ratio, "median_cpu_s": cpu,
-                     "median_peak_rss_bytes": rss, "accuracy_minus_dora": diff})
-    return "\n".join(lines) + "\n", {"rows": data}
+                     "excluded": excluded, "only_excluded_cells": only_shared, "median_wall_s": wall,
+                     "median_test_eval_s": evals, "median_method_s": mine, "method_time_vs_dora": ratio,
+                     "median_cpu_s": cpu, "median_peak_rss_bytes": rss, "accuracy_minus_dora": diff})
+    notes = ("\nWall: the cell's process, start to exit (model loading, training, every evaluation). Method time: wall "
+             "minus the test-split evaluations, which only the study needs (the arms that select on held-out data "
+             "score the test split every epoch so that the search-only row can be read at the held-out-best step); "
+             "held-out evaluations stay in (selection is part of those methods). Search-only rows: the run up to "
+             "the end of the search phase. Excluded: cells that shared the machine with other work (CPU time per "
+             "wall second below 0.8 × the host's best) or resumed from a checkpoint (its times are partial: never "
+             "used); * = only shared cells exist (inflated).\n")
+    return "\n".join(lines) + "\n" + notes, {"rows": data}
 
 
 def open_cells(points: list[Point]) -> list[str]:
@@ -370,6 +433,8 @@ def plot_sensitivity(rows: list[dict], path) -> Path:
     plt = _pyplot()
     if not rows:
         raise ValueError("nothing to plot: no sensitivity arm recorded")
+    first = (rows[0]["device"], rows[0]["dataset"], rows[0]["size"])  # one (device, dataset, N) per figure
+    rows = [e for e in rows if (e["device"], e["dataset"], e["size"]) == first]
     fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(rows) + 1.4))
     labels = []
     for y, e in enumerate(reversed(rows)):
@@ -408,7 +473,7 @@ def build_report(results: str | Path) -> tuple[str, dict, StudyResults, list[dic
     opened = open_cells(study.points)
     parts = ["## Learning curves", "", curve_md, "## Headline: pooled over sizes and seeds", "", pooled_md,
              "## Sensitivity (one factor at a time around the default BiDoRA)", "",
-             sens_md if sens_rows else "(no sensitivity cell recorded yet)\n",
+             sens_md or "(no sensitivity cell recorded yet)\n",
              "## Cost per cell", "", cost_md]
     if study.failed:
         parts += ["## Failed cells", ""] + [f"- {f['device']}/{f['cell']}: {f['error']}" for f in study.failed] + [""]

@@ -383,9 +383,10 @@ class CsvLogCallback(TrainerCallback):
 # ---- results ------------------------------------------------------------------------------------------------------
 def history_rows(log_history: list[dict], splits: list[str], metrics: tuple[str, ...], phase: str,
                  offset: int = 0) -> list[dict]:
-    """``[{"step", "phase", "split", <metric>: value, "loss"}]`` from the Trainer's evaluation logs."""
+    """``[{"step", "phase", "split", <metric>: value, "loss", "runtime"}]`` from the Trainer's evaluation logs
+    (``runtime``: seconds that evaluation took, so that reports can tell training time from evaluation time)."""
     rows = []
-    keep = (*metrics, "loss")
+    keep = (*metrics, "loss", "runtime")
     for entry in log_history:
         for split in sorted(splits, key=len, reverse=True):
             prefix = f"eval_{split}_"

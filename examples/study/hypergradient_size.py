@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 
 import run_glue  # noqa: E402
-from plan import RT, Cell, build_study  # noqa: E402
+from plan import BIDORA, RT, Cell  # noqa: E402
 from run_study import ENV, model_dir, prepare_data  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -211,19 +211,23 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.update(ENV)
     torch.set_flush_denormal(True)
-    cell = next(c for c in build_study("full").cells if c.id == f"rt-n{args.size}/bidora/seed{args.seed}") \
-        if args.size in RT.epochs else None
-    if cell is None:
-        print(f"error: --size must be one of {sorted(RT.epochs)}", file=sys.stderr)
-        return 2
-    cell = Cell(RT, args.size, cell.arm, args.seed)
+    try:
+        at = {int(x) for x in args.at.split(",")}
+    except ValueError:
+        p.error(f"--at: expected comma-separated step numbers, got {args.at!r}")
+    if args.size not in RT.epochs:
+        p.error(f"--size must be one of {sorted(RT.epochs)}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    cell = Cell(RT, args.size, BIDORA, args.seed)
+    if max(at) > cell.steps or min(at) < 1:
+        p.error(f"--at: steps must be within 1..{cell.steps} (the search's length at N = {args.size})")
     data = prepare_data(cell, args.work)
     out_dir = args.work / "hypergradient_size"
     flags = ["--config", str(ROOT / RT.config), "--model_name_or_path", str(model_dir(cell, args.work)),
              "--train_file", str(data / "train.csv"), "--test_file", str(data / "test.csv"),
              "--output_dir", str(out_dir), "--overwrite_output_dir", "--use_cpu", "true", *cell.flags(),
              "--retrain_max_steps", "0", "--eval_strategy", "no", "--save_strategy", "no"]
-    at = {int(x) for x in args.at.split(",")}
     model_args, data_args, adapter_args, targs = run_glue.parse_args(flags)
     targs.max_steps = max(at)
     plan = run_glue.prepare(model_args, data_args, adapter_args, targs)

@@ -7,7 +7,10 @@ one-factor changes of the sensitivity arms.
 
 Schedule: ``steps = ceil(epochs × N / batch)`` lower-level steps for every arm of a (dataset, N), 10 epochs at the
 smallest size and fewer at larger ones; BiDoRA's retraining phase adds the same number of steps on all N (counted
-separately in its cost). Held-out evaluations (model selection, BiDoRA's search-only row) once per epoch of N.
+separately in its cost). The arms that select on held-out data (``dora_es``, the BiDoRA arms) evaluate the held-out
+split and the test split once per epoch of N (the test numbers at every step are what the search-only row reads at
+the held-out-best step; nothing is selected on them), in the retraining phase too; LoRA and DoRA evaluate test once,
+at the end. The report subtracts these test evaluations from the cost (``runtime`` in results.json's history).
 
 Arms:
 
@@ -33,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Neumann series step size for the sensitivity arm: the series converges on the Hessian's positive eigenvalues only
 # for α < 2 / λ_max. Measured with examples/study/hypergradient_size.py (results/study/hypergradient_size.json) on
 # this setting (MiniLM, Rotten Tomatoes N = 200, seed 0): λ_max of the lower loss's Hessian in the direction
-# parameters on a batch of 16 is 2.5 at step 2, 3.4 at step 40 and 20.8 at step 125 (it grows as training sharpens),
-# so α = 0.05 ≈ 1 / λ_max at the end keeps every step inside 2 / λ_max. (The Hessian also has small negative
-# eigenvalues, -0.69 to -0.007: on those directions no step size converges; 3 terms bound the growth.)
+# parameters on a batch of 16 is 3.4 at step 40 and 20.8 at step 125 (it grows as training sharpens; 2.5 at step 2
+# in a trial run), so α = 0.05 ≈ 1 / λ_max at the end keeps every step inside 2 / λ_max. (The Hessian also has small
+# negative eigenvalues, -0.041 and -0.0074: on those directions no step size converges; 3 terms bound the growth.)
 NEUMANN_ALPHA = 0.05
 NEUMANN_ITERATIONS = 3
 
@@ -102,12 +105,12 @@ CORE_ARMS = (LORA, DORA, DORA_ES, BIDORA)
 
 # The default of each factor is what BIDORA runs (the demo config): upper_fraction 0.2, upper lr = lower lr,
 # darts, unroll 1, orth_reg 1e-5.
-DEFAULTS = {"upper_fraction": "0.2", "upper_lr": "×1", "hypergradient": "darts", "unroll_steps": "1",
+DEFAULTS = {"upper_fraction": "0.2", "upper_lr": "x1", "hypergradient": "darts", "unroll_steps": "1",
             "orth_reg": "1e-05", "retrain": "on"}
 
 
 def _sensitivity(factor: str, level: str, *flags: str, upper_fraction: float = 0.2) -> Arm:
-    return Arm(f"bidora-{factor}={level.replace('×', 'x')}", f"BiDoRA, {factor} = {level}", "bidora",
+    return Arm(f"bidora-{factor}={level}", f"BiDoRA, {factor} = {level}", "bidora",
                ("--upper_fraction", str(upper_fraction), *flags), factor, level, retrain=True,
                upper_fraction=upper_fraction)
 
@@ -119,8 +122,8 @@ SENSITIVITY_ARMS = (
     _sensitivity("orth_reg", "1e-03", "--orth_reg", "0.001"),
     _sensitivity("upper_fraction", "0.3", upper_fraction=0.3),
     _sensitivity("upper_fraction", "0.5", upper_fraction=0.5),
-    _sensitivity("upper_lr", "×0.1", "--upper_learning_rate", "{lr_tenth}"),
-    _sensitivity("upper_lr", "×10", "--upper_learning_rate", "{lr_x10}"),
+    _sensitivity("upper_lr", "x0.1", "--upper_learning_rate", "{lr_tenth}"),
+    _sensitivity("upper_lr", "x10", "--upper_learning_rate", "{lr_x10}"),
     _sensitivity("hypergradient", "neumann", "--hypergradient", "neumann", "--neumann_alpha", str(NEUMANN_ALPHA),
                  "--neumann_iterations", str(NEUMANN_ITERATIONS)),
 )

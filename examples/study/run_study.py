@@ -5,6 +5,7 @@
     python examples/study/run_study.py --list           # the cells, in order, with done / to do
     python examples/study/run_study.py --only 'rt-n200/*' --max-hours 2
     python examples/study/run_study.py --device cuda    # on a GPU machine (results kept apart: results/study/cuda)
+    python examples/study/run_study.py --smoke          # seconds; writes under runs/study_smoke (the tests')
 
 A cell is done when ``RESULTS/<device>/<cell id>/cell.json`` exists (written last, next to the run's ``results.json``
 and ``log.csv``): finished cells are skipped, so the same command picks up a killed study where it stopped. A cell
@@ -13,17 +14,20 @@ cut short resumes from its own checkpoints under ``WORK/runs/<cell id>`` (its wa
 stay under WORK (default runs/study), which is not committed; RESULTS (default results/study) holds only the small
 files and is meant to be committed as cells finish -- this program never runs git.
 
-A cell that fails with run_glue.py's ``error:`` exit (a diverging run, bad input) is recorded as failed
+A cell that fails (run_glue.py's ``error:`` exit: a diverging run, bad input; killed by a signal that did not
+come from this program, e.g. the OOM killer; its data or model could not be prepared) is recorded as failed
 (``cell.json`` with ``"status": "failed"`` and the message) and the study goes on; ``--retry-failed`` runs those
-again. A cell killed by a signal is not recorded and reruns next time. Stop the study with Ctrl-C or ``kill PID``
-(the running cell stops too, its checkpoints stay).
+again from scratch. A recorded cell whose plan flags differ from what plan.py gives now is ``stale`` and runs again
+from scratch. Stop the study with Ctrl-C or ``kill PID``: the running cell stops too and resumes from its
+checkpoints next time.
 
 Cost: ``wall_s`` is the cell's process from start to exit (model loading, training, every evaluation), ``cpu_s``
 its CPU time (user + system; about 2 × wall_s on 2 idle cores, less when something else shared them: the
 report uses the ratio to flag cells whose wall time is inflated), ``peak_rss_bytes`` its peak resident memory
 (``os.wait4``); on CUDA ``results.json`` also has the peak allocated GPU memory.
 
-Exit status 0 when every selected cell is done, 1 when some failed, 2 on a bad command line.
+Exit status: 0 every selected cell is recorded done; 1 some are recorded failed; 2 bad command line; 3 stopped by
+``--max-hours`` with cells left; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import offline_packages  # noqa: E402
-from plan import Cell, Study, build_study  # noqa: E402
+from plan import DEFAULTS, Cell, Study, build_study  # noqa: E402
 
 from loralib.io import atomic_write_text  # noqa: E402
 
@@ -143,24 +147,52 @@ def _device_name(device: str) -> str:
 
 
 def cell_status(cell: Cell, results: Path) -> str:
-    """``done``, ``failed`` or ``todo``."""
+    """``done``, ``failed``, ``stale`` (recorded with other plan flags than the plan gives now) or ``todo``."""
     record = results / cell.id / "cell.json"
     if not record.is_file():
         return "todo"
-    return json.loads(record.read_text()).get("status", "done")
+    saved = json.loads(record.read_text())
+    if "plan_flags" in saved and saved["plan_flags"] != cell.flags():
+        return "stale"
+    return saved.get("status", "done")
 
 
-def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str]) -> dict:
+def _relative(arg: str) -> str:
+    path = Path(arg)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else arg
+
+
+def _record(cell: Cell, device: str, **fields) -> dict:
+    return {"cell": cell.id, "dataset": cell.dataset.name, "size": cell.size, "arm": cell.arm.name,
+            "label": cell.arm.label, "method": cell.arm.method, "factor": cell.arm.factor, "level": cell.arm.level,
+            "default_level": DEFAULTS.get(cell.arm.factor) if cell.arm.factor else None, "group": cell.group,
+            "seed": cell.seed, "epochs": cell.epochs, "steps": cell.steps,
+            "retrain_steps": cell.steps if cell.arm.retrain else 0, "plan_flags": cell.flags(), "device": device,
+            "device_name": _device_name(device), "host": socket.gethostname(), "cpu_count": os.cpu_count(),
+            "loralib_commit": _git_commit(), **fields}
+
+
+def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str], fresh: bool = False) -> dict:
     """Run one cell to its end and record it; returns the record (``status`` done or failed).
 
+    ``fresh``: start from scratch (a failed or stale cell run again) instead of resuming from the cell's own
+    checkpoints. A run killed by a signal that did not come through this program (the OOM killer) is recorded as
+    failed, like run_glue.py's error exit; data or model preparation errors too.
+
     Raises:
-        KeyboardInterrupt: the cell (or the study) was interrupted; nothing is recorded.
+        KeyboardInterrupt: the study was interrupted (Ctrl-C, kill); nothing is recorded.
     """
-    data, model = prepare_data(cell, work), model_dir(cell, work)
-    out = work / "runs" / cell.id
-    resumed = (out / "run_config.json").is_file() and not (out / "results.json").is_file()
-    if (out / "results.json").is_file():  # finished before, never recorded (killed in between): run it afresh
-        shutil.rmtree(out)
+    dest, out = results / cell.id, work / "runs" / cell.id
+    try:
+        data, model = prepare_data(cell, work), model_dir(cell, work)
+    except (RuntimeError, ValueError, OSError) as err:
+        record = _record(cell, device, status="failed", exit_code=None, error=f"error: preparing the cell: {err}")
+        dest.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dest / "cell.json", json.dumps(record, indent=2) + "\n")
+        return record
+    if fresh or (out / "results.json").is_file():  # (finished but never recorded: killed in between)
+        shutil.rmtree(out, ignore_errors=True)
+    resumed = any(out.glob("checkpoint-*")) or any(out.glob("retrain/checkpoint-*"))
     cmd = [sys.executable, str(ROOT / "examples/NLU/run_glue.py"), "--config", str(ROOT / cell.dataset.config),
            "--model_name_or_path", str(model), "--train_file", str(data / "train.csv"),
            "--test_file", str(data / "test.csv"), "--output_dir", str(out),
@@ -171,6 +203,7 @@ def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str
     with open(console, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
+        offset = log.tell()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV}, cwd=ROOT)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
@@ -179,30 +212,22 @@ def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str
             proc.wait()
             raise
     wall, code = time.monotonic() - t0, os.waitstatus_to_exitcode(status)
-    if code < 0:  # killed by a signal (the study being stopped, the OOM killer): not a result; rerun next time
-        raise KeyboardInterrupt(f"{cell.id}: run_glue.py was killed by signal {-code}")
-    dest = results / cell.id
+    record = _record(
+        cell, device, status="done" if code == 0 else "failed", exit_code=code, wall_s=round(wall, 3),
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 3), peak_rss_bytes=usage.ru_maxrss * 1024,
+        load_average_end=[round(x, 2) for x in os.getloadavg()], resumed=resumed, started=started,
+        command=[_relative(c) for c in cmd[1:]],
+        data_sha256={s: _sha256(data / f"{s}.csv") for s in ("train", "test")})
     dest.mkdir(parents=True, exist_ok=True)
-    record = {
-        "cell": cell.id, "dataset": cell.dataset.name, "size": cell.size, "arm": cell.arm.name,
-        "label": cell.arm.label, "method": cell.arm.method, "factor": cell.arm.factor, "level": cell.arm.level,
-        "group": cell.group, "seed": cell.seed, "epochs": cell.epochs, "steps": cell.steps,
-        "retrain_steps": cell.steps if cell.arm.retrain else 0,
-        "status": "done" if code == 0 else "failed", "exit_code": code,
-        "wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "peak_rss_bytes": usage.ru_maxrss * 1024, "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "resumed": resumed,
-        "device": device, "device_name": _device_name(device), "host": socket.gethostname(),
-        "cpu_count": os.cpu_count(), "started": started, "loralib_commit": _git_commit(),
-        "command": [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[1:]],
-        "data_sha256": {s: _sha256(data / f"{s}.csv") for s in ("train", "test")},
-    }
     if code == 0:
         for name in ("results.json", "log.csv"):
             shutil.copyfile(out / name, dest / name)
     else:
-        tail = console.read_text().strip().splitlines()
-        record["error"] = next((line for line in reversed(tail) if line.startswith("error:")), "\n".join(tail[-5:]))
+        with open(console) as log:
+            log.seek(offset)
+            tail = log.read().strip().splitlines()  # this attempt's output only
+        record["error"] = (f"error: run_glue.py was killed by signal {-code}" if code < 0 else
+                           next((ln for ln in reversed(tail) if ln.startswith("error:")), "\n".join(tail[-5:])))
     atomic_write_text(dest / "cell.json", json.dumps(record, indent=2) + "\n")  # last: marks the cell recorded
     return record
 
@@ -241,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=None, metavar="GLOB",
                    help="only cells whose id matches (e.g. 'rt-n200/*', '*/bidora/seed0'); repeatable")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--results", type=Path, default=ROOT / "results" / "study",
-                   help="committed small files: RESULTS/<device>/<cell>/ (default results/study)")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "study", help="bulky outputs (default runs/study)")
+    p.add_argument("--results", type=Path, default=None, help="committed small files: RESULTS/<device>/<cell>/ "
+                   "(default results/study; --smoke: runs/study_smoke/results, never mixed with the study's)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="bulky outputs (default runs/study; --smoke: runs/study_smoke/work)")
     p.add_argument("--max-hours", type=float, default=None, help="start no new cell after this many hours")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
     p.add_argument("--list", action="store_true", help="list the cells and their state; run nothing")
@@ -263,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    smoke = ROOT / "runs" / "study_smoke"
+    args.results = args.results or (smoke / "results" if args.study == "smoke" else ROOT / "results" / "study")
+    args.work = args.work or (smoke / "work" if args.study == "smoke" else ROOT / "runs" / "study")
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
@@ -281,53 +310,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for c in cells:
             print(f"{states[c.id]:7s} {c.id}  ({c.steps} steps{' + retrain' if c.arm.retrain else ''})")
-        print(f"{sum(s == 'done' for s in states.values())} done, {sum(s == 'failed' for s in states.values())} "
-              f"failed, {sum(s == 'todo' for s in states.values())} to do", file=sys.stderr)
+        counts = {k: sum(s == k for s in states.values()) for k in ("done", "failed", "stale", "todo")}
+        print(", ".join(f"{n} {k}" for k, n in counts.items()), file=sys.stderr)
         return 0
-    todo = [c for c in cells if states[c.id] == "todo" or (args.retry_failed and states[c.id] == "failed")]
+    try:
+        return _run(cells, states, results, args, extra)
+    except KeyboardInterrupt as stop:
+        print(f"\ninterrupted{f': {stop}' if str(stop) else ''}; run the same command to go on", flush=True)
+        return 130
+
+
+def _run(cells: list[Cell], states: dict[str, str], results: Path, args, extra: list[str]) -> int:
+    rerun = {"stale"} | ({"failed"} if args.retry_failed else set())
+    todo = [c for c in cells if states[c.id] == "todo" or states[c.id] in rerun]
+    stale = [c.id for c in cells if states[c.id] == "stale"]
     print(f"== study '{args.study}' on {args.device}: {len(cells)} cells, {len(cells) - len(todo)} already "
           f"recorded under {results}, {len(todo)} to run (bulky outputs: {args.work})", flush=True)
+    if stale:
+        print(f"note: {len(stale)} recorded cell(s) were run with other plan settings and run again: "
+              f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}", flush=True)
     offline_packages.install_missing()
     seen: dict[tuple, list[float]] = {}
     for c in cells:
         record = results / c.id / "cell.json"
         if states[c.id] == "done" and record.is_file():
             r = json.loads(record.read_text())
-            if not r.get("resumed"):
+            if not r.get("resumed") and r.get("wall_s"):
                 seen.setdefault((c.dataset.name, c.size, c.arm.name), []).append(r["wall_s"])
-    t_start, failed = time.monotonic(), []
+    t_start = time.monotonic()
     for i, cell in enumerate(todo, 1):
         spent = time.monotonic() - t_start
         if args.max_hours is not None and spent > args.max_hours * 3600:
             print(f"stopping: --max-hours {args.max_hours} reached after {i - 1} cells; {len(todo) - i + 1} left "
                   "(run the same command to go on)", flush=True)
-            break
+            return 3
         print(f"[{i}/{len(todo)}] {cell.id} ({cell.steps} steps{' + retrain' if cell.arm.retrain else ''}) ...",
               end=" ", flush=True)
-        try:
-            r = run_cell(cell, args.work, results, args.device, extra)
-        except KeyboardInterrupt as stop:
-            print(f"\ninterrupted{f': {stop}' if str(stop) else ''}; run the same command to go on", flush=True)
-            return 130
-        except (RuntimeError, ValueError, OSError) as err:
-            print(f"\nerror: {err}", file=sys.stderr)
-            return 1
-        seen.setdefault((cell.dataset.name, cell.size, cell.arm.name), []).append(r["wall_s"])
+        r = run_cell(cell, args.work, results, args.device, extra, fresh=states[cell.id] in rerun)
+        if r.get("wall_s"):
+            seen.setdefault((cell.dataset.name, cell.size, cell.arm.name), []).append(r["wall_s"])
         left = [_estimate(c, seen) for c in todo[i:]]
         known = [t for t in left if t is not None]
         eta = f", about {_fmt_s(sum(known))} for {len(known)} of the {len(left)} left" if known else ""
         if r["status"] == "failed":
-            failed.append(cell.id)
-            print(f"FAILED in {_fmt_s(r['wall_s'])}: {r['error']}", flush=True)
+            print(f"FAILED: {r['error']}", flush=True)
         else:
             test = json.loads((results / cell.id / "results.json").read_text())["eval"].get("test", {})
             score = ", ".join(f"{k} {v:.4f}" for k, v in list(test.items())[:1])
             print(f"done in {_fmt_s(r['wall_s'])} (test {score}){eta}", flush=True)
+    failed = [c.id for c in cells if cell_status(c, results) == "failed"]
     if failed:
-        print(f"{len(failed)} cell(s) failed (recorded; --retry-failed reruns them): {', '.join(failed)}")
+        print(f"{len(failed)} cell(s) recorded as failed (--retry-failed runs them again): {', '.join(failed)}")
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
