@@ -133,6 +133,17 @@ def test_selection_is_labelled(assets, tmp_path, extra, selection):
         assert results["eval"]["validation"]["accuracy"] == best
 
 
+def test_retraining_evaluates_only_the_final_model_when_asked(assets, tmp_path):
+    model, files = assets
+    out = tmp_path / "retrain_final_eval"
+    assert run_glue.main(args_for(model, files, "sst2", "bidora", out, "--retrain_max_steps", "4",
+                                  "--retrain_eval_strategy", "no")) == 0
+    results = results_of(out)
+    assert {h["step"] for h in results["history"] if h["phase"] == "retrain"} == {10}
+    assert results["eval"] == results["final_eval"] and set(results["eval"]) == {"validation", "test"}
+    assert any(h["phase"] == "search" and h["split"] == "test" and h["step"] < 6 for h in results["history"])
+
+
 def test_bidora_retraining_reports_both_phases(assets, tmp_path):
     model, files = assets
     out = tmp_path / "retrain"

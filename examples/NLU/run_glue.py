@@ -127,6 +127,10 @@ class AdapterArguments:
                                                 "learning_rate)."})
     retrain_weight_decay: float | None = field(default=None, metadata={"help": "Retraining weight decay (default: "
                                                "weight_decay)."})
+    retrain_eval_strategy: str | None = field(default=None, metadata={
+        "help": "Evaluation during retraining: no, steps or epoch (default: --eval_strategy). The final model is "
+        "evaluated either way; 'no' saves the evaluations nothing reads (the reported model is the final one).",
+        "choices": ["no", "steps", "epoch"]})
     retrain_reinit: bool = field(default=True, metadata={"help": "Retrain a fresh adapter and head (seeded), as the "
                                  "original, instead of continuing from the searched ones."})
     select_on_dev: bool = field(default=False, metadata={"help": "Report the best score on the first dev split over "
@@ -371,6 +375,8 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
             retrain_args.learning_rate = adapter_args.retrain_learning_rate
         if adapter_args.retrain_weight_decay is not None:
             retrain_args.weight_decay = adapter_args.retrain_weight_decay
+        if adapter_args.retrain_eval_strategy is not None:
+            retrain_args.eval_strategy = IntervalStrategy(adapter_args.retrain_eval_strategy)
         resume_from = plan.checkpoint if plan.search_done else None
         trainer, rows, _, log = phase("retrain", retrain_args, steps, 0, resume_from, retrain=True)
         history, steps = history + rows, steps + trainer.state.global_step

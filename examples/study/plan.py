@@ -9,8 +9,8 @@ Schedule: ``steps = ceil(epochs × N / batch)`` lower-level steps for every arm 
 smallest size and fewer at larger ones; BiDoRA's retraining phase adds the same number of steps on all N (counted
 separately in its cost). The arms that select on held-out data (``dora_es``, the BiDoRA arms) evaluate the held-out
 split and the test split once per epoch of N (the test numbers at every step are what the search-only row reads at
-the held-out-best step; nothing is selected on them), in the retraining phase too; LoRA and DoRA evaluate test once,
-at the end. The report subtracts these test evaluations from the cost (``runtime`` in results.json's history).
+the held-out-best step; nothing is selected on them); the retraining phase and LoRA and DoRA evaluate test once, at
+the end. The report subtracts these test evaluations from the cost (``runtime`` in results.json's history).
 
 Arms:
 
@@ -165,8 +165,8 @@ class Cell:
                  "--eval_steps", str(self.steps_per_epoch), "--save_steps", str(self.steps_per_epoch),
                  "--logging_steps", str(self.steps_per_epoch), "--snapshots", "0", "--disable_tqdm", "true",
                  "--report_to", "none", *arm_flags]
-        if self.arm.retrain:
-            flags += ["--retrain_max_steps", str(self.steps)]
+        if self.arm.retrain:  # only the final retrained model is read: no test evaluations during retraining
+            flags += ["--retrain_max_steps", str(self.steps), "--retrain_eval_strategy", "no"]
         if "--eval_strategy" not in arm_flags:
             flags += ["--eval_strategy", "steps"]
         return flags

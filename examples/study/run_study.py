@@ -152,8 +152,14 @@ def cell_status(cell: Cell, results: Path) -> str:
     if not record.is_file():
         return "todo"
     saved = json.loads(record.read_text())
-    if "plan_flags" in saved and saved["plan_flags"] != cell.flags():
-        return "stale"
+    flags = cell.flags()
+    if "plan_flags" in saved:
+        if saved["plan_flags"] != flags:
+            return "stale"
+    elif "command" in saved:  # records from before plan_flags: the plan's flags must be in the command, in order
+        command = " ".join(saved["command"])
+        if " ".join(flags) not in command:
+            return "stale"
     return saved.get("status", "done")
 
 
