@@ -417,12 +417,13 @@ def plot_learning_curves(points: list[Point], path) -> Path:
         ax.set_xscale("log")
         sizes = sorted({k[2] for k in series if k[:2] == (device, dataset)})
         ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # the arms' side-by-side offsets stay small next to N
         ax.minorticks_off()
         ax.set_xlabel("training examples N (BiDoRA / early-stopped DoRA: 80% lower, 20% held out)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{DATASET_TITLES.get(dataset, dataset)} ({device})", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _save(fig, path)
 
