@@ -297,7 +297,7 @@ def sensitivity_table(points: list[Point]) -> tuple[str, dict, list[dict]]:
                 entry["search"], entry["search_test"] = ss, paired_differences(ss, base_search)[1]
             entries.append(entry)
         for entry, adj in zip(entries, holm_adjust([e["test"].p_two_sided for e in entries])):
-            entry["p_holm"] = adj
+            entry["p_holm"], entry["base_seeds"], entry["base_values"] = adj, base.seeds, base.values
         lines = [title, "", f"Default BiDoRA (retrained): {_ms(base)}; its search only: {_ms(base_search)}", "",
                  "| factor = level (default) | accuracy | − default [95% bootstrap] | p | p (Holm) | "
                  "search only: accuracy | − default's search only |", "|---|---|---|---:|---:|---|---|"]
@@ -308,7 +308,8 @@ def sensitivity_table(points: list[Point]) -> tuple[str, dict, list[dict]]:
                          f"{_ms(e.get('search'))} | {_ci(e['search_test']) if 'search_test' in e else '–'} |")
         blocks.append("\n".join(lines) + "\n")
         rows += entries
-    data = [{k: v for k, v in e.items() if k not in ("series", "search", "test", "search_test")}
+    data = [{k: v for k, v in e.items() if k not in ("series", "search", "test", "search_test", "base_seeds",
+                                                      "base_values")}
             | {"mean": e["series"].mean, "std": e["series"].std, "seeds": e["series"].seeds,
                "diff": e["test"].mean_diff, "ci": [e["test"].ci_low, e["test"].ci_high],
                "p_two_sided": e["test"].p_two_sided} for e in rows]
@@ -440,12 +441,11 @@ def plot_sensitivity(rows: list[dict], path) -> Path:
     labels = []
     for y, e in enumerate(reversed(rows)):
         t, s = e["test"], e["series"]
-        base = dict(zip(*[(e["base_seeds"]), e["base_values"]])) if "base_seeds" in e else None
+        base = dict(zip(e["base_seeds"], e["base_values"]))
         ax.errorbar(t.mean_diff, y, xerr=[[t.mean_diff - t.ci_low], [t.ci_high - t.mean_diff]]
                     if t.ci_low is not None else None, fmt="o", color="tab:blue", capsize=3)
-        if base:
-            diffs = [v - base[sd] for sd, v in zip(s.seeds, s.values) if sd in base]
-            ax.scatter(diffs, [y] * len(diffs), s=8, color="black", alpha=0.5, zorder=3)
+        diffs = [v - base[sd] for sd, v in zip(s.seeds, s.values) if sd in base]
+        ax.scatter(diffs, [y] * len(diffs), s=8, color="black", alpha=0.5, zorder=3)
         labels.append(f"{e['factor']} = {e['level']} (Holm p = {_p(e.get('p_holm'))})")
     ax.axvline(0.0, color="grey", lw=1)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -466,10 +466,6 @@ def build_report(results: str | Path) -> tuple[str, dict, StudyResults, list[dic
     curve_md, curve = curve_tables(study.points)
     pooled_md, pooled = pooled_tests(study.points)
     sens_md, sens, sens_rows = sensitivity_table(study.points)
-    for e in sens_rows:  # the seeds of the default, for the figure's dots
-        base = [p for p in study.points if (p.device, p.dataset, p.size, p.row) ==
-                (e["device"], e["dataset"], e["size"], "bidora")]
-        e["base_seeds"], e["base_values"] = [p.seed for p in base], [p.value for p in base]
     cost_md, cost = cost_table(study.points)
     opened = open_cells(study.points)
     parts = ["## Learning curves", "", curve_md, "## Headline: pooled over sizes and seeds", "", pooled_md,
