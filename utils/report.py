@@ -245,17 +245,22 @@ class MethodTable:
         return {r.label: r.missing_seeds for r in self.rows if r.missing_seeds}
 
 
-def _search_end_from_log(run_dir: Path) -> float | None:
-    """Elapsed seconds at the last search-phase step of log.csv (None without a readable log)."""
-    last = None
+def _phase_ends_from_log(run_dir: Path) -> dict[str, float]:
+    """Elapsed seconds at the last log.csv row of each phase (``{}`` without a readable log)."""
+    ends: dict[str, float] = {}
     try:
         with open(run_dir / "log.csv", encoding="utf-8", newline="") as f:
             for row in csv.DictReader(f):
-                if row.get("phase") == "search" and row.get("elapsed_s"):
-                    last = float(row["elapsed_s"])
+                if row.get("phase") and row.get("elapsed_s"):
+                    ends[row["phase"]] = float(row["elapsed_s"])
     except (OSError, ValueError, csv.Error):
-        return None
-    return last
+        return {}
+    return ends
+
+
+def _search_end_from_log(run_dir: Path) -> float | None:
+    """Elapsed seconds at the last search-phase step of log.csv (None without a readable log)."""
+    return _phase_ends_from_log(run_dir).get("search")
 
 
 def search_only_value(run: Run, split: str, metrics: list[str]) -> tuple[int, dict[str, float]]:

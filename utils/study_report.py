@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `utils` importable
 from utils.files import atomic_write_text  # noqa: E402
 from utils.report import (  # noqa: E402
     Series,
+    _phase_ends_from_log,
     _pyplot,
     _save,
     group_series,
@@ -97,17 +98,10 @@ class StudyResults:
 
 def _search_wall(cell: dict, run_dir: Path) -> float | None:
     """Process wall time minus the retraining phase (log.csv elapsed at the end minus at the end of the search)."""
-    import csv
-
-    try:
-        rows = list(csv.DictReader(open(run_dir / "log.csv", encoding="utf-8", newline="")))
-    except OSError:
+    ends = _phase_ends_from_log(run_dir)
+    if "search" not in ends or cell.get("wall_s") is None:
         return None
-    search = [float(r["elapsed_s"]) for r in rows if r.get("phase") == "search" and r.get("elapsed_s")]
-    every = [float(r["elapsed_s"]) for r in rows if r.get("elapsed_s")]
-    if not search or not every or cell.get("wall_s") is None:
-        return None
-    return cell["wall_s"] - (max(every) - max(search))
+    return cell["wall_s"] - (max(ends.values()) - ends["search"])
 
 
 def load_study(results: str | Path) -> StudyResults:
