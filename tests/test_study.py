@@ -83,6 +83,9 @@ def test_study_order_and_variants():
     assert [c.id for c in full.cells[:5]] == ["rt-n200/lora/seed0", "rt-n200/dora/seed0", "rt-n200/dora_es/seed0",
                                                "rt-n200/bidora/seed0", "rt-n200/lora/seed1"]
     assert len(full.cells) == 5 * (4 * 6 + 9)
+    blocks = list(dict.fromkeys((c.dataset.name, c.size, c.arm.factor is None) for c in full.cells))
+    assert blocks == [("rt", 200, True), ("acp", 200, True), ("acp", 619, True), ("rt", 500, True),
+                      ("rt", 200, False), ("rt", 1000, True), ("rt", 2000, True)]
     quick = plan.build_study("quick")
     assert {c.seed for c in quick.cells} == {0, 1} and len({(c.dataset.name, c.size) for c in quick.cells}) == 1
     with pytest.raises(ValueError, match="unknown study"):
