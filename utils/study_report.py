@@ -414,11 +414,14 @@ def plot_learning_curves(points: list[Point], path) -> Path:
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # the arms' side-by-side offsets stay small next to N
         ax.minorticks_off()
-        ax.set_xlabel("training examples N (BiDoRA / early-stopped DoRA: 80% lower, 20% held out)")
+        ax.set_xlabel("training examples N")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{DATASET_TITLES.get(dataset, dataset)} ({device})", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    # one caption for every panel: per panel it overlapped its neighbour's
+    fig.supxlabel("mean ± sample std over seeds, seeds as dots; BiDoRA and early-stopped DoRA train on 80% of N and "
+                  "use the other 20% as held-out data", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
