@@ -278,3 +278,32 @@ def test_smoke_study_runs_resumes_records_failures_and_reports(tmp_path):
     assert study_report.main([str(results), "--out", str(tmp_path / "report")]) == 0
     for name in ("study.md", "study.json", "learning_curve.png", "sensitivity.png"):
         assert (tmp_path / "report" / name).stat().st_size > 100
+
+
+# ------------------------------------------------------------------------------------------- magnitude shift
+
+
+def test_relative_magnitude_shift_matches_its_definition():
+    import magnitude_shift
+    from transformers import BertConfig, BertModel
+
+    import loralib
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32)
+    model = BertModel(config)
+    loralib.apply_adapters(model, loralib.AdapterConfig(method="dora", r=2, lora_alpha=4,
+                                                        target_modules=["query", "value"]))
+    assert magnitude_shift.relative_magnitude_shift(model) == pytest.approx(0.0, abs=1e-6)  # m starts at ‖W0‖_row (float32)
+    layers = [layer for _, layer in loralib.adapter_layers(model)]
+    with torch.no_grad():
+        layers[0].magnitude.mul_(1.3)  # one layer of four moves by 30%
+    m0 = [layer.base_weight().double().norm(dim=1) for layer in layers]
+    expected = 0.3 * m0[0].norm().item() / math.sqrt(sum(v.square().sum().item() for v in m0))
+    assert magnitude_shift.relative_magnitude_shift(model) == pytest.approx(expected, rel=1e-6)
+    lora = BertModel(config)
+    loralib.apply_adapters(lora, loralib.AdapterConfig(method="lora", r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="no DoRA / BiDoRA layer"):
+        magnitude_shift.relative_magnitude_shift(lora)
