@@ -296,7 +296,7 @@ def test_relative_magnitude_shift_matches_its_definition():
     model = BertModel(config)
     loralib.apply_adapters(model, loralib.AdapterConfig(method="dora", r=2, lora_alpha=4,
                                                         target_modules=["query", "value"]))
-    assert magnitude_shift.relative_magnitude_shift(model) == pytest.approx(0.0, abs=1e-6)  # m starts at ‖W0‖_row (float32)
+    assert magnitude_shift.relative_magnitude_shift(model) == pytest.approx(0.0, abs=1e-6)  # m0 = ‖W0‖_row, float32
     layers = [layer for _, layer in loralib.adapter_layers(model)]
     with torch.no_grad():
         layers[0].magnitude.mul_(1.3)  # one layer of four moves by 30%
