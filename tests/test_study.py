@@ -285,11 +285,11 @@ def test_smoke_study_runs_resumes_records_failures_and_reports(tmp_path):
 
 def test_relative_magnitude_shift_matches_its_definition():
     import magnitude_shift
+    import torch
     from transformers import BertConfig, BertModel
 
     import loralib
 
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32)
