@@ -86,6 +86,8 @@ def test_study_order_and_variants():
     blocks = list(dict.fromkeys((c.dataset.name, c.size, c.arm.factor is None) for c in full.cells))
     assert blocks == [("rt", 200, True), ("acp", 200, True), ("acp", 619, True), ("rt", 500, True),
                       ("rt", 200, False), ("rt", 1000, True), ("rt", 2000, True)]
+    sensitivity_seed1 = [c.arm.factor for c in full.cells if c.group == "sensitivity" and c.seed == 1]
+    assert sensitivity_seed1[0] == "upper_lr" and sensitivity_seed1[-2:] == ["orth_reg", "orth_reg"]
     quick = plan.build_study("quick")
     assert {c.seed for c in quick.cells} == {0, 1} and len({(c.dataset.name, c.size) for c in quick.cells}) == 1
     with pytest.raises(ValueError, match="unknown study"):

@@ -115,17 +115,21 @@ def _sensitivity(factor: str, level: str, *flags: str, upper_fraction: float = 0
                upper_fraction=upper_fraction)
 
 
+# Run order inside each seed: the settings that seed 0-1 showed to move the result first (the upper learning rate
+# scales the magnitudes' shift tenfold), the orthogonality weights (identical predictions at 0, 1e-5 and 1e-3 on
+# seeds 0-1) last, so that a study cut short by its budget loses the least informative cells. Order only: no
+# cell's settings depend on it.
 SENSITIVITY_ARMS = (
+    _sensitivity("upper_lr", "x10", "--upper_learning_rate", "{lr_x10}"),
+    _sensitivity("upper_lr", "x0.1", "--upper_learning_rate", "{lr_tenth}"),
     _sensitivity("hypergradient", "first_order", "--hypergradient", "first_order"),
-    _sensitivity("unroll_steps", "5", "--unroll_steps", "5"),
-    _sensitivity("orth_reg", "0", "--orth_reg", "0"),
-    _sensitivity("orth_reg", "1e-03", "--orth_reg", "0.001"),
     _sensitivity("upper_fraction", "0.3", upper_fraction=0.3),
     _sensitivity("upper_fraction", "0.5", upper_fraction=0.5),
-    _sensitivity("upper_lr", "x0.1", "--upper_learning_rate", "{lr_tenth}"),
-    _sensitivity("upper_lr", "x10", "--upper_learning_rate", "{lr_x10}"),
+    _sensitivity("unroll_steps", "5", "--unroll_steps", "5"),
     _sensitivity("hypergradient", "neumann", "--hypergradient", "neumann", "--neumann_alpha", str(NEUMANN_ALPHA),
                  "--neumann_iterations", str(NEUMANN_ITERATIONS)),
+    _sensitivity("orth_reg", "0", "--orth_reg", "0"),
+    _sensitivity("orth_reg", "1e-03", "--orth_reg", "0.001"),
 )
 ARMS = {a.name: a for a in (*CORE_ARMS, *SENSITIVITY_ARMS)}
 
@@ -216,7 +220,7 @@ def build_study(name: str = "full", seeds=range(5)) -> Study:
         cells = _seed_major(ACP, 200, CORE_ARMS, seeds[:2], "curve")
     elif name == "smoke":
         cells = _seed_major(SMOKE, 48, CORE_ARMS, seeds[:1], "curve") + _seed_major(
-            SMOKE, 48, SENSITIVITY_ARMS[:1], seeds[:1], "sensitivity")
+            SMOKE, 48, [ARMS["bidora-hypergradient=first_order"]], seeds[:1], "sensitivity")
     else:
         raise ValueError(f"unknown study {name!r}: full, quick or smoke")
     return Study(name, cells)
