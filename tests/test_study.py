@@ -82,10 +82,14 @@ def test_study_order_and_variants():
     full = plan.build_study("full")
     assert [c.id for c in full.cells[:5]] == ["rt-n200/lora/seed0", "rt-n200/dora/seed0", "rt-n200/dora_es/seed0",
                                                "rt-n200/bidora/seed0", "rt-n200/lora/seed1"]
-    assert len(full.cells) == 5 * (4 * 6 + 9)
-    blocks = list(dict.fromkeys((c.dataset.name, c.size, c.arm.factor is None) for c in full.cells))
-    assert blocks == [("rt", 200, True), ("acp", 200, True), ("acp", 619, True), ("rt", 500, True),
-                      ("rt", 200, False), ("rt", 1000, True), ("rt", 2000, True)]
+    assert len(full.cells) == 5 * (4 * 6 + 9 + 1)
+    blocks = list(dict.fromkeys((c.dataset.name, c.size, c.group) for c in full.cells))
+    assert blocks == [("rt", 200, "curve"), ("acp", 200, "curve"), ("acp", 619, "curve"), ("rt", 500, "curve"),
+                      ("rt", 200, "sensitivity"), ("rt", 1000, "curve"), ("acp", 200, "confirmation"),
+                      ("rt", 2000, "curve")]
+    confirmation = [c for c in full.cells if c.group == "confirmation"]
+    assert {c.arm.name for c in confirmation} == {"bidora-upper_lr=x10"} and {c.seed for c in confirmation} == {
+        c.seed for c in full.cells if c.id.startswith("acp-n200/bidora/")}
     sensitivity_seed1 = [c.arm.factor for c in full.cells if c.group == "sensitivity" and c.seed == 1]
     assert sensitivity_seed1[0] == "upper_lr" and sensitivity_seed1[-2:] == ["orth_reg", "orth_reg"]
     quick = plan.build_study("quick")
@@ -216,6 +220,24 @@ def test_report_sensitivity_holm_failed_open_and_devices_kept_apart(tmp_path):
     assert summary["pooled"]["bidora - dora | cuda | rt"]["n"] == 1
     study_report.plot_sensitivity(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_confirmation_is_one_sided_against_the_default_and_reported_against_dora(tmp_path):
+    base, dora = [0.80, 0.82, 0.85, 0.81, 0.84], [0.81, 0.80, 0.86, 0.83, 0.84]
+    arm = [0.83, 0.83, 0.84, 0.85, 0.88]  # above the default on 4 of 5 seeds
+    for s in range(5):
+        _write_cell(tmp_path, dataset="acp", arm="bidora", seed=s, value=base[s], search_value=base[s] - 0.01)
+        _write_cell(tmp_path, dataset="acp", arm="dora", seed=s, value=dora[s])
+        _write_cell(tmp_path, dataset="acp", arm="bidora-upper_lr=x10", seed=s, value=arm[s], search_value=base[s],
+                    group="confirmation", factor="upper_lr", level="x10")
+    text, summary, _, sens_rows = study_report.build_report(tmp_path)
+    (row,) = summary["confirmation"]["rows"]
+    diffs = [100 * (a - b) for a, b in zip(arm, base)]
+    assert row["diff"] == pytest.approx(np.mean(diffs)) and (row["seeds_above"], row["pairs"]) == (4, 5)
+    assert row["p_greater"] == pytest.approx(wilcoxon(diffs, alternative="greater").pvalue)
+    assert row["minus_dora"] == pytest.approx(100 * np.mean(np.subtract(arm, dora)))
+    assert row["search_minus_default_search"] == pytest.approx(1.0)
+    assert sens_rows == [] and "4 of 5" in text  # not a sensitivity arm: no Holm family, no forest plot
 
 
 def test_sensitivity_without_its_default_is_named_not_dropped(tmp_path):

@@ -16,6 +16,8 @@ What is compared (test accuracy, in percent points; nothing is selected on test)
 * headline: BiDoRA − DoRA and BiDoRA − DoRA-early-stopped pooled over seeds × sizes (Wilcoxon on all pairs);
 * sensitivity: every one-factor arm (and retraining off) against the default BiDoRA on the same seeds, Holm-adjusted
   within each (device, dataset, N);
+* confirmation: a hypothesis the sensitivity left, stated before its cells ran (examples/study/plan.py
+  ``CONFIRMATION``), tested once on other data: one-sided Wilcoxon (arm > default BiDoRA), and reported against DoRA;
 * cost: median wall time, the test evaluations inside it, the method's own time (wall − test evaluations) and its
   ratio to DoRA's, CPU time and peak memory. A CPU cell whose CPU seconds per wall second are below 0.8 × the best
   seen on its host shared the machine with other work; shared and resumed cells are counted and left out of the
@@ -310,6 +312,43 @@ def sensitivity_table(points: list[Point]) -> tuple[str, dict, list[dict]]:
     return "\n".join(blocks), {"rows": data}, rows
 
 
+def confirmation_table(points: list[Point]) -> tuple[str, dict]:
+    """Each confirmation arm (retrained model) against the default BiDoRA on the same seeds with the stated test, a
+    one-sided Wilcoxon signed-rank p (arm better; one test, so no Holm), and against DoRA (reported, not tested);
+    plus its search-only row against the default's."""
+    conf = {(p.device, p.dataset, p.size, p.row) for p in points
+            if p.group == "confirmation" and not p.row.endswith(f":{SEARCH}")}
+    lines: list[str] = []
+    data: list[dict] = []
+    for device, dataset, size, row in sorted(conf):
+        series = _series([p for p in points if (p.device, p.dataset, p.size) == (device, dataset, size)])
+        arm, base, dora, search, base_search = (series.get((device, dataset, size, r)) for r in
+                                                (row, "bidora", "dora", f"{row}:{SEARCH}", f"bidora:{SEARCH}"))
+        if not lines:
+            lines = ["| where | arm | accuracy | − default BiDoRA [95% bootstrap] | p, one-sided (arm > default) | "
+                     "seeds above default | − DoRA [95% bootstrap] | search only − default's search only |",
+                     "|---|---|---|---|---:|---|---|---|"]
+        where = f"{DATASET_TITLES.get(dataset, dataset)}, N = {size} ({device})"
+        if base is None:
+            lines.append(f"| {where} | {_label(row)} | {_ms(arm)} | no default BiDoRA cell yet | – | – | – | – |")
+            continue
+        base_by_seed = dict(zip(base.seeds, base.values))
+        diffs = [v - base_by_seed[sd] for sd, v in zip(arm.seeds, arm.values) if sd in base_by_seed]
+        test = paired_differences(arm, base)[1]
+        vs_dora = paired_differences(arm, dora)[1] if dora is not None else PairedTest()
+        vs_search = (paired_differences(search, base_search)[1] if search is not None and base_search is not None
+                     else PairedTest())
+        above = sum(d > 0 for d in diffs)
+        lines.append(f"| {where} | {_label(row)} | {_ms(arm)} | {_ci(test)} | {_p(test.p_greater)} | "
+                     f"{above} of {len(diffs)} | {_ci(vs_dora)} | {_ci(vs_search)} |")
+        data.append({"device": device, "dataset": dataset, "size": size, "row": row, "mean": arm.mean,
+                     "std": arm.std, "seeds": arm.seeds, "diff": test.mean_diff, "ci": [test.ci_low, test.ci_high],
+                     "p_greater": test.p_greater, "seeds_above": above, "pairs": len(diffs),
+                     "minus_dora": vs_dora.mean_diff, "minus_dora_ci": [vs_dora.ci_low, vs_dora.ci_high],
+                     "search_minus_default_search": vs_search.mean_diff})
+    return ("\n".join(lines) + "\n") if lines else "", {"rows": data}
+
+
 def cost_table(points: list[Point]) -> tuple[str, dict]:
     """Per (device, dataset, N, row): medians of wall time, of the test evaluations inside it, of the method's own
     time (wall − test evaluations) and its ratio to DoRA's, CPU time and peak memory; over the cells that neither
@@ -463,18 +502,21 @@ def build_report(results: str | Path) -> tuple[str, dict, StudyResults, list[dic
     curve_md, curve = curve_tables(study.points)
     pooled_md, pooled = pooled_tests(study.points)
     sens_md, sens, sens_rows = sensitivity_table(study.points)
+    conf_md, conf = confirmation_table(study.points)
     cost_md, cost = cost_table(study.points)
     opened = open_cells(study.points)
     parts = ["## Learning curves", "", curve_md, "## Headline: pooled over sizes and seeds", "", pooled_md,
              "## Sensitivity (one factor at a time around the default BiDoRA)", "",
              sens_md or "(no sensitivity cell recorded yet)\n",
+             "## Confirmation (a hypothesis stated before its cells ran; examples/study/plan.py CONFIRMATION)", "",
+             conf_md or "(no confirmation cell recorded yet)\n",
              "## Cost per cell", "", cost_md]
     if study.failed:
         parts += ["## Failed cells", ""] + [f"- {f['device']}/{f['cell']}: {f['error']}" for f in study.failed] + [""]
     if opened:
         parts += ["## Open cells (fewer seeds than the most complete)", ""] + [f"- {o}" for o in opened] + [""]
-    summary = {"curves": curve, "pooled": pooled, "sensitivity": sens, "cost": cost, "failed": study.failed,
-               "open": opened, "cells": study.files}
+    summary = {"curves": curve, "pooled": pooled, "sensitivity": sens, "confirmation": conf, "cost": cost,
+               "failed": study.failed, "open": opened, "cells": study.files}
     return "\n".join(parts), summary, study, sens_rows
 
 
