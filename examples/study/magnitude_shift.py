@@ -1,6 +1,6 @@
 """How far do the learned magnitudes move from their start ‖W0‖_row? DoRA's against BiDoRA's, per study cell.
 
-    python examples/study/magnitude_shift.py [--runs runs/study/runs] [--glob 'rt-n200/*/seed*'] [--out FILE]
+    python examples/study/magnitude_shift.py [--runs runs/study/runs] [--glob '*-n200/*/seed*'] [--out FILE]
 
 For every finished cell under ``--runs`` whose saved adapter (``<cell>/adapter``) carries magnitudes (DoRA, BiDoRA;
 for BiDoRA the magnitudes its search learned, frozen during retraining), loads the adapter onto the cell's base model
@@ -61,7 +61,7 @@ def _num_labels(adapter_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study" / "runs")
-    parser.add_argument("--glob", default="rt-n200/*/seed*", help="cells under --runs (dataset-nN/arm/seedK)")
+    parser.add_argument("--glob", default="*-n200/*/seed*", help="cells under --runs (dataset-nN/arm/seedK)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "study" / "magnitude_shift.json")
     args = parser.parse_args(argv)
     from modeling import load_classifier
