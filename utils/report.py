@@ -193,11 +193,17 @@ def group_series(items: Iterable, key: Callable, value: Callable, seed: Callable
     return out
 
 
+def seed_differences(a: Series, b: Series, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    """``a − b`` per seed both have (times ``scale``), in ``a``'s seed order: the seeds and the differences."""
+    bv = dict(zip(b.seeds, b.values))
+    pairs = [(s, scale * (v - bv[s])) for s, v in zip(a.seeds, a.values) if s in bv]
+    return [s for s, _ in pairs], [d for _, d in pairs]
+
+
 def paired_differences(a: Series, b: Series, scale: float = 1.0) -> tuple[list[int], PairedTest]:
     """``a − b`` over the seeds both have (times ``scale``): the seeds used and the paired test."""
-    bv = dict(zip(b.seeds, b.values))
-    seeds = [s for s in a.seeds if s in bv]
-    return seeds, paired_test([scale * (v - bv[s]) for s, v in zip(a.seeds, a.values) if s in bv])
+    seeds, diffs = seed_differences(a, b, scale)
+    return seeds, paired_test(diffs)
 
 
 # ------------------------------------------------------------------------------------------------- method table

@@ -52,6 +52,7 @@ from utils.report import (  # noqa: E402
     metric_value,
     paired_differences,
     search_only_value,
+    seed_differences,
 )
 from utils.significance import PairedTest, holm_adjust, paired_test  # noqa: E402
 
@@ -293,7 +294,7 @@ def sensitivity_table(points: list[Point]) -> tuple[str, dict, list[dict]]:
                 entry["search"], entry["search_test"] = ss, paired_differences(ss, base_search)[1]
             entries.append(entry)
         for entry, adj in zip(entries, holm_adjust([e["test"].p_two_sided for e in entries])):
-            entry["p_holm"], entry["base_seeds"], entry["base_values"] = adj, base.seeds, base.values
+            entry["p_holm"], entry["base"] = adj, base
         lines = [title, "", f"Default BiDoRA (retrained): {_ms(base)}; its search only: {_ms(base_search)}", "",
                  "| factor = level (default) | accuracy | − default [95% bootstrap] | p | p (Holm) | "
                  "search only: accuracy | − default's search only |", "|---|---|---|---:|---:|---|---|"]
@@ -304,8 +305,7 @@ def sensitivity_table(points: list[Point]) -> tuple[str, dict, list[dict]]:
                          f"{_ms(e.get('search'))} | {_ci(e['search_test']) if 'search_test' in e else '–'} |")
         blocks.append("\n".join(lines) + "\n")
         rows += entries
-    data = [{k: v for k, v in e.items() if k not in ("series", "search", "test", "search_test", "base_seeds",
-                                                      "base_values")}
+    data = [{k: v for k, v in e.items() if k not in ("series", "search", "test", "search_test", "base")}
             | {"mean": e["series"].mean, "std": e["series"].std, "seeds": e["series"].seeds,
                "diff": e["test"].mean_diff, "ci": [e["test"].ci_low, e["test"].ci_high],
                "p_two_sided": e["test"].p_two_sided} for e in rows]
@@ -324,17 +324,12 @@ def confirmation_table(points: list[Point]) -> tuple[str, dict]:
         series = _series([p for p in points if (p.device, p.dataset, p.size) == (device, dataset, size)])
         arm, base, dora, search, base_search = (series.get((device, dataset, size, r)) for r in
                                                 (row, "bidora", "dora", f"{row}:{SEARCH}", f"bidora:{SEARCH}"))
-        if not lines:
-            lines = ["| where | arm | accuracy | − default BiDoRA [95% bootstrap] | p, one-sided (arm > default) | "
-                     "seeds above default | − DoRA [95% bootstrap] | search only − default's search only |",
-                     "|---|---|---|---|---:|---|---|---|"]
         where = f"{DATASET_TITLES.get(dataset, dataset)}, N = {size} ({device})"
         if base is None:
             lines.append(f"| {where} | {_label(row)} | {_ms(arm)} | no default BiDoRA cell yet | – | – | – | – |")
             continue
-        base_by_seed = dict(zip(base.seeds, base.values))
-        diffs = [v - base_by_seed[sd] for sd, v in zip(arm.seeds, arm.values) if sd in base_by_seed]
-        test = paired_differences(arm, base)[1]
+        diffs = seed_differences(arm, base)[1]
+        test = paired_test(diffs)
         vs_dora = paired_differences(arm, dora)[1] if dora is not None else PairedTest()
         vs_search = (paired_differences(search, base_search)[1] if search is not None and base_search is not None
                      else PairedTest())
@@ -346,7 +341,12 @@ def confirmation_table(points: list[Point]) -> tuple[str, dict]:
                      "p_greater": test.p_greater, "seeds_above": above, "pairs": len(diffs),
                      "minus_dora": vs_dora.mean_diff, "minus_dora_ci": [vs_dora.ci_low, vs_dora.ci_high],
                      "search_minus_default_search": vs_search.mean_diff})
-    return ("\n".join(lines) + "\n") if lines else "", {"rows": data}
+    if not lines:
+        return "", {"rows": data}
+    header = ["| where | arm | accuracy | − default BiDoRA [95% bootstrap] | p, one-sided (arm > default) | "
+              "seeds above default | − DoRA [95% bootstrap] | search only − default's search only |",
+              "|---|---|---|---|---:|---|---|---|"]
+    return "\n".join(header + lines) + "\n", {"rows": data}
 
 
 def cost_table(points: list[Point]) -> tuple[str, dict]:
@@ -476,11 +476,10 @@ def plot_sensitivity(rows: list[dict], path) -> Path:
     fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(rows) + 1.4))
     labels = []
     for y, e in enumerate(reversed(rows)):
-        t, s = e["test"], e["series"]
-        base = dict(zip(e["base_seeds"], e["base_values"]))
+        t = e["test"]
         ax.errorbar(t.mean_diff, y, xerr=[[t.mean_diff - t.ci_low], [t.ci_high - t.mean_diff]]
                     if t.ci_low is not None else None, fmt="o", color="tab:blue", capsize=3)
-        diffs = [v - base[sd] for sd, v in zip(s.seeds, s.values) if sd in base]
+        diffs = seed_differences(e["series"], e["base"])[1]
         ax.scatter(diffs, [y] * len(diffs), s=8, color="black", alpha=0.5, zorder=3)
         labels.append(f"{e['factor']} = {e['level']} (Holm p = {_p(e.get('p_holm'))})")
     ax.axvline(0.0, color="grey", lw=1)
