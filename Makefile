@@ -47,7 +47,7 @@ assets:
 	  else echo "skip $$dst: no $$src.png / $$src.json (run it first)"; fi; \
 	done; [ $$n -gt 0 ] || { echo "error: nothing to copy" >&2; exit 1; }
 
-# The small-data study (README "Where BiDoRA helps, measured"): resumable, one process per cell; the small per-cell
+# The small-data study (docs/study.md): resumable, one process per cell; the small per-cell
 # files land in results/study/<device>/ (commit them), bulky ones in runs/study/. STUDY_ARGS: e.g. --max-hours 2.
 study: $(STAMP)
 	$(PY) examples/study/run_study.py $(STUDY_ARGS)
@@ -55,7 +55,7 @@ study: $(STAMP)
 study-quick: $(STAMP)
 	$(PY) examples/study/run_study.py --quick $(STUDY_ARGS)
 
-# Every study table and figure from results/study, written into assets/study (the README's copies).
+# Every study table and figure from results/study, written into assets/study (the copies docs/study.md shows).
 study-report: $(STAMP)
 	$(PY) utils/study_report.py results/study --out assets/study
 

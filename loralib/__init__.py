@@ -1,50 +1,73 @@
 """loralib: LoRA, DoRA and BiDoRA adapters for PyTorch and Hugging Face transformers.
 
-The whole BiDoRA algorithm lives in two files: :mod:`loralib.layers` (the weight-decomposed layer) and
-:mod:`loralib.bilevel` (the two Betty problems: direction below, magnitude above).
+The whole BiDoRA algorithm lives in three files: :mod:`loralib.layers` (the weight-decomposed layer),
+:mod:`loralib.bilevel` (the two levels: direction below, magnitude above) and :mod:`loralib.hypergradients` (the
+estimators of the upper level's implicit term).
+
+The public names below are imported on first use (PEP 562): ``import loralib.files`` (the reporting scripts'
+atomic writer) does not load torch and transformers, and the trainer (transformers' ``Trainer``, accelerate) loads
+only when asked for. ``loralib.X`` and ``from loralib import X`` work as usual.
 """
 
-from .hf import from_pretrained
-from .io import adapter_state_dict, load_adapters, read_adapter_config, save_adapters, save_target_weights
-from .layers import (
-    AdapterLayer,
-    BiDoRAConv1D,
-    BiDoRALinear,
-    DoRAConv1D,
-    DoRAEmbedding,
-    DoRALinear,
-    LoRAConv1D,
-    LoRAEmbedding,
-    LoRALinear,
-)
-from .model import (
-    AdapterConfig,
-    AdapterSummary,
-    adapter_layers,
-    allow_joint_magnitude_training,
-    apply_adapters,
-    direction_parameters,
-    get_adapter_config,
-    magnitude_parameters,
-    merge_adapters,
-    merge_and_unload,
-    orthogonality_penalty,
-    reset_directions,
-    saved_module_parameters,
-    unmerge_adapters,
-)
-from .peft_compat import adapter_config_from_peft, export_peft, load_peft_adapter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AdapterConfig": "config",
+    "adapter_config_from_peft": "config",
+    "AdapterLayer": "layers",
+    "BiDoRAConv1D": "layers",
+    "BiDoRALinear": "layers",
+    "DoRAConv1D": "layers",
+    "DoRAEmbedding": "layers",
+    "DoRALinear": "layers",
+    "LoRAConv1D": "layers",
+    "LoRAEmbedding": "layers",
+    "LoRALinear": "layers",
+    "AdapterSummary": "model",
+    "adapter_layers": "model",
+    "allow_joint_magnitude_training": "model",
+    "apply_adapters": "model",
+    "direction_parameters": "model",
+    "get_adapter_config": "model",
+    "magnitude_parameters": "model",
+    "merge_adapters": "model",
+    "merge_and_unload": "model",
+    "orthogonality_penalty": "model",
+    "capture_norm_terms": "model",
+    "magnitudes_trainable": "model",
+    "reset_directions": "model",
+    "saved_module_parameters": "model",
+    "unmerge_adapters": "model",
+    "adapter_state_dict": "io",
+    "load_adapters": "io",
+    "read_adapter_config": "io",
+    "save_adapters": "io",
+    "save_target_weights": "io",
+    "export_peft": "peft_compat",
+    "load_peft_adapter": "peft_compat",
+    "from_pretrained": "hf",
+    "disable_adapters": "runtime",
+    "print_trainable_parameters": "runtime",
+    "refresh": "runtime",
+    "BiDoRATrainer": "bidora_trainer",
+    "BiDoRATrainingArguments": "training_args",
+    "build_hypergradient": "hypergradients",
+}
 
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "AdapterSummary",
-    "BiDoRATrainer",
-    "BiDoRATrainingArguments",
     "BiDoRAConv1D",
     "BiDoRALinear",
+    "BiDoRATrainer",
+    "BiDoRATrainingArguments",
     "DoRAConv1D",
     "DoRAEmbedding",
     "DoRALinear",
@@ -53,20 +76,26 @@ __all__ = [
     "LoRALinear",
     "adapter_config_from_peft",
     "adapter_layers",
-    "allow_joint_magnitude_training",
     "adapter_state_dict",
+    "allow_joint_magnitude_training",
     "apply_adapters",
+    "build_hypergradient",
+    "capture_norm_terms",
     "direction_parameters",
+    "disable_adapters",
     "export_peft",
     "from_pretrained",
     "get_adapter_config",
     "load_adapters",
     "load_peft_adapter",
     "magnitude_parameters",
+    "magnitudes_trainable",
     "merge_adapters",
     "merge_and_unload",
     "orthogonality_penalty",
+    "print_trainable_parameters",
     "read_adapter_config",
+    "refresh",
     "reset_directions",
     "save_adapters",
     "save_target_weights",
@@ -76,13 +105,58 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The trainer pulls in transformers.Trainer and accelerate: import it only when asked for.
-    if name == "BiDoRATrainer":
-        from .bidora_trainer import BiDoRATrainer
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    if name.isidentifier() and not name.startswith("__"):  # a submodule not imported yet: `loralib.model.X`
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return BiDoRATrainer
-    if name == "BiDoRATrainingArguments":
-        from .training_args import BiDoRATrainingArguments
 
-        return BiDoRATrainingArguments
-    raise AttributeError(f"module 'loralib' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from .bidora_trainer import BiDoRATrainer
+    from .config import AdapterConfig, adapter_config_from_peft
+    from .hf import from_pretrained
+    from .hypergradients import build_hypergradient
+    from .io import adapter_state_dict, load_adapters, read_adapter_config, save_adapters, save_target_weights
+    from .layers import (
+        AdapterLayer,
+        BiDoRAConv1D,
+        BiDoRALinear,
+        DoRAConv1D,
+        DoRAEmbedding,
+        DoRALinear,
+        LoRAConv1D,
+        LoRAEmbedding,
+        LoRALinear,
+    )
+    from .model import (
+        AdapterSummary,
+        adapter_layers,
+        allow_joint_magnitude_training,
+        apply_adapters,
+        capture_norm_terms,
+        direction_parameters,
+        get_adapter_config,
+        magnitude_parameters,
+        magnitudes_trainable,
+        merge_adapters,
+        merge_and_unload,
+        orthogonality_penalty,
+        reset_directions,
+        saved_module_parameters,
+        unmerge_adapters,
+    )
+    from .peft_compat import export_peft, load_peft_adapter
+    from .runtime import disable_adapters, print_trainable_parameters, refresh
+    from .training_args import BiDoRATrainingArguments

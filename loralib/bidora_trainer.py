@@ -8,34 +8,57 @@ upper split through Betty's hypergradient. The magnitudes are constants for the 
 DDP wrapper never see them. LoRA, DoRA and full fine-tuning models train exactly as under a plain ``Trainer``.
 
 Overridden hooks: ``compute_loss`` (adds the orthogonality regulariser to BiDoRA's lower loss), ``training_step``
-(keeps the lower batch for the hypergradient, stops on a non-finite loss), ``create_scheduler`` (builds the upper
-level, whose schedule spans the same run), ``log`` (adds the upper loss and learning rate), and the checkpoint pair
-``_save_optimizer_and_scheduler`` / ``_load_optimizer_and_scheduler`` (the upper optimiser, schedule and data
-position; transformers' trl uses the same pair).
+(keeps the lower batch for the hypergradient, stops on a non-finite loss), ``_inner_training_loop`` (freezes the
+magnitudes for the lower level and refuses settings the upper step cannot honour, once per attempt of
+``auto_find_batch_size``), ``create_scheduler`` (builds the upper level afresh for every ``train()`` and every
+attempt: its schedule spans the same run, its batch follows the train batch), ``call_model_init`` (``model_init`` /
+hyperparameter search), ``log`` (adds the upper loss and learning rate), and the checkpoint pair
+``_save_optimizer_and_scheduler`` / ``_load_optimizer_and_scheduler`` (the upper optimiser, schedule, data position
+and hypergradient state; transformers' trl uses the same pair).
+
+The upper loss and every lower-loss evaluation inside a hypergradient are the user's training loss:
+``self.compute_loss`` (a subclass's override, ``compute_loss_func``, label smoothing), called on a copy of the batch,
+without the lower penalty where it does not belong, with the trainer's recorded state left as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
 import re
 import sys
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainerCallback, get_scheduler
 
-from .bilevel import BatchStream, LowerLevel, UpperLevel, _mix_seed, lower_config, split_indices
+from .bilevel import LowerLevel, UpperLevel
+from .data import BatchStream, mix_seed, split_indices
+from .gradients import world
+from .hypergradients import build_hypergradient
 from .io import _live_tensors
-from .model import direction_parameters, get_adapter_config, magnitude_parameters, orthogonality_penalty
+from .model import (
+    capture_norm_terms,
+    direction_parameters,
+    get_adapter_config,
+    magnitude_parameters,
+    magnitudes_trainable,
+    orthogonality_penalty,
+)
 from .training_args import BiDoRATrainingArguments
 
 BILEVEL_STATE = "bilevel_state.pt"
+#: version 2: adds the hypergradient's name and state (warm starts); version 1 (no "version" key) had neither.
+BILEVEL_STATE_VERSION = 2
+#: trainer attributes that a ``compute_loss`` may record into (TRL's metrics and token counts): the upper step's
+#: loss evaluations put them back as they were.
+_RECORDED_STATE = ("_metrics", "_total_train_tokens")
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -65,7 +88,8 @@ class BiDoRATrainer(Trainer):
     """A ``transformers.Trainer`` for BiDoRA (and, unchanged, for LoRA / DoRA / full fine-tuning baselines).
 
     Args:
-        model: a model adapted with :func:`loralib.apply_adapters` (any method) or a plain one (full fine-tuning).
+        model: a model adapted with :func:`loralib.apply_adapters` (any method) or a plain one (full fine-tuning);
+            or None with ``model_init`` (every model it returns must have the same method).
         args: :class:`loralib.BiDoRATrainingArguments` (``None``: defaults with ``output_dir="trainer_output"``).
         train_dataset: the training set. Unless ``upper_dataset`` is given, a seeded ``upper_fraction`` of it
             (seed ``data_seed`` or ``seed``) is held out: BiDoRA trains its magnitudes on it, every method is evaluated
@@ -85,7 +109,8 @@ class BiDoRATrainer(Trainer):
     Raises:
         TypeError: ``args`` is not a ``BiDoRATrainingArguments``.
         ValueError: a BiDoRA run without an upper split, or with a setting the bi-level step does not support
-            (gradient accumulation, DeepSpeed, FSDP), each named.
+            (gradient accumulation, DeepSpeed, FSDP, fp16, Liger kernels, a second-order hypergradient under reentrant
+            activation checkpointing), each named with what to do instead.
     """
 
     def __init__(
@@ -101,20 +126,20 @@ class BiDoRATrainer(Trainer):
         args = BiDoRATrainingArguments(output_dir="trainer_output") if args is None else args
         if not isinstance(args, BiDoRATrainingArguments):
             raise TypeError(f"BiDoRATrainer needs loralib.BiDoRATrainingArguments, got {type(args).__name__}")
-        adapter = get_adapter_config(model) if model is not None else None
-        self.method = adapter.method if adapter is not None else "ft"
-        if retrain and self.method != "bidora":
-            raise ValueError(f"retrain=True is BiDoRA's retraining phase; this model's adapters are {self.method!r}")
-        self.bilevel = self.method == "bidora" and not retrain
+        self.retrain, self.method = retrain, None
+        self.upper_level: UpperLevel | None = None
+        self.upper_stream: BatchStream | None = None
+        self._lower_batch: dict | None = None
+        self._lower_optimizer_state: dict = {}
+        self._upper_losses: list[float] = []
+        self._loss_evaluation_depth = 0
+        if model is not None:
+            self._adopt(model)
         if retrain:
             lower_dataset = train_dataset
         else:
             lower_dataset, upper_dataset = self._split(train_dataset, upper_dataset, args)
-        if self.bilevel:
-            self._check_supported(args, upper_dataset)
-        if self.method == "bidora":  # the upper level's (or, retraining, frozen): constants for the lower step
-            for p in magnitude_parameters(model):
-                p.requires_grad_(False)
+        self.upper_dataset = upper_dataset
         evals = {} if eval_dataset is None else dict(eval_dataset) if isinstance(eval_dataset, dict) else {
             "validation": eval_dataset
         }
@@ -123,15 +148,32 @@ class BiDoRATrainer(Trainer):
             if args.metric_for_best_model and not args.metric_for_best_model.startswith(tuple(evals)):
                 args.metric_for_best_model = "heldout_" + args.metric_for_best_model.removeprefix("eval_")
         super().__init__(model=model, args=args, train_dataset=lower_dataset, eval_dataset=evals or None, **kwargs)
-        self.upper_dataset = upper_dataset
-        self.upper_level: UpperLevel | None = None
-        self.upper_stream: BatchStream | None = None
-        self._lower_batch: dict | None = None
-        self._upper_losses: list[float] = []
-        if self.bilevel:
-            self.add_callback(_UpperStepCallback(self))
+        if self.bilevel:  # early, with the constructor's model; again at each train start with the final one
+            self._check_supported()
+        self.add_callback(_UpperStepCallback(self))
 
     # ---- set-up ------------------------------------------------------------------------------------------------
+    @property
+    def bilevel(self) -> bool:
+        """Whether this run trains two levels (a BiDoRA model outside the retraining phase)."""
+        return self.method == "bidora" and not self.retrain
+
+    def _adopt(self, model: nn.Module) -> None:
+        """Take the method from ``model`` (the constructor's, or each one ``model_init`` returns)."""
+        adapter = get_adapter_config(model)
+        method = adapter.method if adapter is not None else "ft"
+        if self.method is not None and method != self.method:
+            raise ValueError(f"model_init returned a {method!r} model, but this trainer was set up for {self.method!r} "
+                             "models: every model of a hyperparameter search must use the same method")
+        if self.retrain and method != "bidora":
+            raise ValueError(f"retrain=True is BiDoRA's retraining phase; this model's adapters are {method!r}")
+        self.method = method
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        self._adopt(model)
+        return model
+
     def _split(self, train_dataset, upper_dataset, args) -> tuple[Dataset | None, Dataset | None]:
         if upper_dataset is not None or train_dataset is None or args.upper_fraction == 0:
             return train_dataset, upper_dataset
@@ -141,43 +183,73 @@ class BiDoRATrainer(Trainer):
             return train_dataset.select(lower_idx), train_dataset.select(upper_idx)
         return Subset(train_dataset, lower_idx), Subset(train_dataset, upper_idx)
 
-    def _check_supported(self, args: BiDoRATrainingArguments, upper_dataset) -> None:
-        if upper_dataset is None:
+    def _check_supported(self) -> None:
+        """Refuse, with what to do instead, every setting the upper step cannot honour (checked at each train start,
+        once the model, its activation checkpointing and the arguments are final)."""
+        args = self.args
+        if self.upper_dataset is None:
             raise ValueError("BiDoRA needs an upper split: set upper_fraction > 0 or pass upper_dataset")
-        unsupported = {
-            "gradient_accumulation_steps > 1": args.gradient_accumulation_steps > 1,
-            "deepspeed": bool(args.deepspeed),
-            "fsdp": bool(args.fsdp),
+        reasons = {
+            "gradient_accumulation_steps > 1": (args.gradient_accumulation_steps > 1,
+                                                "one upper step follows each optimiser step of one batch"),
+            "deepspeed": (bool(args.deepspeed), "the upper step differentiates the unsharded model"),
+            "fsdp": (bool(args.fsdp), "the upper step differentiates the unsharded model"),
+            "fp16": (bool(args.fp16), "the upper step has no loss scaling, so its small gradients would underflow; "
+                                      "use bf16=True or full precision"),
+            "use_liger_kernel": (bool(args.use_liger_kernel),
+                                 "Liger's fused losses compute their gradients inside the forward pass, which the "
+                                 "hypergradient's repeated loss evaluations cannot use"),
         }
-        named = [k for k, v in unsupported.items() if v]
+        named = [f"{k} ({why})" for k, (bad, why) in reasons.items() if bad]
         if named:
-            raise ValueError(f"BiDoRATrainer does not support {', '.join(named)} for BiDoRA (the bi-level step is "
-                             "built for plain data parallelism with one optimiser step per batch)")
+            raise ValueError(f"BiDoRATrainer does not support {'; '.join(named)} for BiDoRA")
+        if _reentrant_checkpointing(self.model) and self._estimator_class().second_order:
+            raise ValueError(
+                f"hypergradient={args.hypergradient!r} differentiates the lower loss twice, which reentrant activation "
+                "checkpointing cannot do: set activation_checkpointing_kwargs={'use_reentrant': False} (or "
+                "gradient_checkpointing_kwargs, its older name), or use a first-order hypergradient (darts, sama, "
+                "first_order, damped_solve)"
+            )
+
+    def _estimator_class(self):
+        from .hypergradients import ESTIMATORS
+
+        return ESTIMATORS[self.args.hypergradient]
+
+    def _inner_training_loop(self, *args, **kwargs):
+        """One training attempt (``auto_find_batch_size`` may make several): BiDoRA's magnitudes are frozen for the
+        lower level for its duration (the Trainer's optimiser, clipping and DDP never see them), then put back."""
+        if self.method not in ("bidora",):
+            return super()._inner_training_loop(*args, **kwargs)
+        if self.bilevel:
+            self._check_supported()
+        with magnitudes_trainable(self.model, False):
+            return super()._inner_training_loop(*args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.bilevel and self.upper_level is None:  # the upper level's schedule spans the same run
+        if self.bilevel:  # afresh for every train() and attempt: the upper schedule spans this run
             self._build_upper_level(num_training_steps)
         return scheduler
 
+    def _upper_batch_size(self) -> int:
+        """``upper_batch_size`` (default: the per-device train batch), scaled like the train batch when
+        ``auto_find_batch_size`` has reduced it."""
+        args = self.args
+        current = max(self._train_batch_size // max(1, args.n_gpu), 1)
+        if args.upper_batch_size is None:
+            return current
+        return max(1, (args.upper_batch_size * current) // args.per_device_train_batch_size)
+
     def _build_upper_level(self, num_training_steps: int) -> None:
         args, model = self.args, self.model
-        device = args.device
         # The levels call back into this trainer through a weak reference: a reference cycle would keep the trainer,
         # its DDP wrapper and the process group alive until interpreter exit, where gloo aborts while tearing down.
         trainer = weakref.ref(self)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        extra = (lambda: args.orth_reg * orthogonality_penalty(model)) if args.orth_reg > 0 else None
-        lower = LowerLevel(
-            direction_parameters(model),
-            lambda batch: trainer()._fp32_task_loss(batch),
-            extra,
-            lower_config(args.hypergradient, args.darts_alpha, args.neumann_iterations, args.neumann_alpha,
-                         args.cg_iterations),
-            device,
-        )
-        magnitudes = magnitude_parameters(model)
+        rank, size = world()
+        penalty = (lambda: args.orth_reg * orthogonality_penalty(model)) if args.orth_reg > 0 else None
+        theta, magnitudes = direction_parameters(model), magnitude_parameters(model)
+        lower = LowerLevel(theta, lambda batch: trainer()._lower_task_loss(batch), penalty, args.device)
         optimizer = torch.optim.AdamW(
             magnitudes, lr=args.upper_lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
             weight_decay=args.upper_wd,
@@ -187,21 +259,25 @@ class BiDoRATrainer(Trainer):
             args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(upper_steps),
             num_training_steps=upper_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs,
         )
+        by_backward = _reentrant_checkpointing(model)
+        leaves = [p for p in model.parameters() if p.requires_grad] + magnitudes if by_backward else []
         self.upper_level = UpperLevel(
-            model, magnitudes, lambda batch: trainer()._task_loss(batch), lower, args.hypergradient, optimizer,
-            scheduler, device,
+            model, magnitudes, lambda batch: trainer()._upper_task_loss(batch), lower,
+            build_hypergradient(args.hypergradient, **args.hypergradient_settings()), optimizer, scheduler,
+            by_backward=by_backward, leaves=leaves,
         )
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.upper_stream = BatchStream(
             self._model_columns(self.upper_dataset),
             range(len(self.upper_dataset)),
-            args.upper_batch_size or args.per_device_train_batch_size,
+            self._upper_batch_size(),
             lambda features: dict(trainer().data_collator(features)),
-            seed=_mix_seed(seed, 0xB1D0),
-            device=device,
+            seed=mix_seed(seed, 0xB1D0),
+            device=args.device,
             rank=rank,
-            world_size=world,
+            world_size=size,
         )
+        self._lower_optimizer_state = {}
 
     def _model_columns(self, dataset):
         """For a ``datasets.Dataset``, only the columns the model's forward takes (as the Trainer does)."""
@@ -221,31 +297,52 @@ class BiDoRATrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ---- losses ------------------------------------------------------------------------------------------------
-    def _task_loss(self, batch: dict) -> torch.Tensor:
-        """The Trainer's loss (``compute_loss_func``, label smoothing, ...) of the bare model, in its precision."""
-        with self.compute_loss_context_manager():
-            return Trainer.compute_loss(self, self.model, batch).float()
+    @contextmanager
+    def _loss_evaluation(self):
+        """``compute_loss`` as a function: no lower penalty inside, and what a ``compute_loss`` records on the
+        trainer (TRL's metrics and token counts) put back afterwards."""
+        saved = {name: copy.deepcopy(getattr(self, name)) for name in _RECORDED_STATE if hasattr(self, name)}
+        self._loss_evaluation_depth += 1
+        try:
+            yield
+        finally:
+            self._loss_evaluation_depth -= 1
+            for name, value in saved.items():
+                setattr(self, name, value)
 
-    def _fp32_task_loss(self, batch: dict) -> torch.Tensor:
-        """The task loss without mixed precision: darts' finite differences are noise in bf16 / fp16."""
+    def _users_loss(self, batch: dict) -> torch.Tensor:
+        """The training loss the Trainer's step uses, on a copy of ``batch`` (``compute_loss`` may pop labels)."""
+        result = self.compute_loss(self.model, dict(batch))
+        return (result[0] if isinstance(result, tuple) else result).float()
+
+    def _upper_task_loss(self, batch: dict) -> torch.Tensor:
+        """``L_up``: the training loss in the run's precision, without the lower penalty."""
+        with self._loss_evaluation(), self.compute_loss_context_manager():
+            return self._users_loss(batch)
+
+    def _lower_task_loss(self, batch: dict) -> torch.Tensor:
+        """The task part of ``L_low`` in full precision (the estimators' finite differences are noise in bf16)."""
         model = self.model
         patched = "forward" in model.__dict__ and hasattr(model, "_original_forward")  # accelerate's autocast patch
         if patched:
             autocast_forward = model.__dict__["forward"]
             model.forward = model._original_forward
         try:
-            return Trainer.compute_loss(self, model, batch).float()
+            with self._loss_evaluation():
+                return self._users_loss(batch)
         finally:
             if patched:
                 model.forward = autocast_forward
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
-        if not (self.method == "bidora" and model.training and self.args.orth_reg > 0):
-            return result
-        # right after this forward, at the same parameters: the layers' row norms and W0·Aᵀ are reused
-        penalty = self.args.orth_reg * orthogonality_penalty(self.model, reuse_forward=True)
+        if self._loss_evaluation_depth or not (self.method == "bidora" and model.training and self.args.orth_reg > 0):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # the penalty reuses the row norms and W0·Aᵀ that this forward computes (same parameters, same graph)
+        with capture_norm_terms(self.model) as terms:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        penalty = self.args.orth_reg * orthogonality_penalty(self.model, terms=terms)
         if return_outputs:
             return result[0] + penalty, result[1]
         return result + penalty
@@ -253,7 +350,7 @@ class BiDoRATrainer(Trainer):
     # ---- the loop's hooks --------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.bilevel:
-            self._lower_batch = inputs
+            self._lower_batch = dict(inputs)  # a copy: nothing the step does to its batch reaches the upper step
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
@@ -262,15 +359,29 @@ class BiDoRATrainer(Trainer):
             )
         return loss
 
+    def _record_lower_step(self) -> None:
+        """Before the lower optimiser steps: the gradient it is about to consume (after clipping) and its learning
+        rate, for the estimators that differentiate through that step (SAMA)."""
+        if not (self.bilevel and self.upper_level is not None and self.upper_level.hypergradient.name == "sama"):
+            return
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        theta = self.upper_level.lower.trainable_parameters()
+        self._lower_optimizer_state = {
+            "optimizer": optimizer,
+            "last_gradient": [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in theta],
+            "learning_rate": [group["lr"] for group in optimizer.param_groups],
+        }
+
     def upper_step(self) -> None:
         """One magnitude step on the next held-out batch, at the directions the Trainer just stepped to."""
         step = self.state.global_step
-        lower = self.upper_level.lower
-        lower.cur_batch = self._prepare_inputs(self._lower_batch)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        lower.batch_seed = _mix_seed(self.args.seed, 0xDA475, step, rank)
-        batch = self._prepare_inputs(self.upper_stream.next())
-        self._upper_losses.append(self.upper_level.step(batch, step))
+        rank, _ = world()
+        lower_batch = self._prepare_inputs(self._lower_batch)
+        lower_seed = mix_seed(self.args.seed, 0xDA475, step, rank)
+        upper_batch = self._prepare_inputs(self.upper_stream.next())
+        loss = self.upper_level.step(upper_batch, self.upper_stream.batch_seed, lower_batch, lower_seed, step,
+                                     **self._lower_optimizer_state)
+        self._upper_losses.append(loss)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.bilevel and self._upper_losses and "loss" in logs:
@@ -316,9 +427,12 @@ class BiDoRATrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.bilevel and self.upper_level is not None and self.args.should_save:
             state = {
+                "version": BILEVEL_STATE_VERSION,
                 "optimizer": self.upper_level.optimizer.state_dict(),
                 "scheduler": self.upper_level.scheduler.state_dict(),
                 "stream": self.upper_stream.state_dict(),
+                "hypergradient": self.upper_level.hypergradient.name,
+                "hypergradient_state": self.upper_level.hypergradient.state_dict(),
             }
             torch.save(state, os.path.join(output_dir, BILEVEL_STATE))
 
@@ -330,18 +444,52 @@ class BiDoRATrainer(Trainer):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {checkpoint} was not written by a BiDoRA run of BiDoRATrainer")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        estimator = self.upper_level.hypergradient
+        version = state.get("version", 1)
+        if version > BILEVEL_STATE_VERSION:
+            raise ValueError(f"{path} has version {version}, newer than this loralib reads "
+                             f"({BILEVEL_STATE_VERSION}): upgrade loralib to resume it")
+        if version == 1:
+            if estimator.state_dict():
+                raise ValueError(f"{path} was written by an older loralib, which kept no hypergradient state: "
+                                 f"hypergradient={estimator.name!r} cannot resume from it; start the run afresh")
+        elif state["hypergradient"] != estimator.name:
+            raise ValueError(f"{checkpoint} was trained with hypergradient={state['hypergradient']!r}, not "
+                             f"{estimator.name!r}: resume with the same hypergradient")
+        else:
+            estimator.load_state_dict(state["hypergradient_state"])
         self.upper_level.optimizer.load_state_dict(state["optimizer"])
         self.upper_level.scheduler.load_state_dict(state["scheduler"])
         self.upper_stream.load_state_dict(state["stream"])
 
 
 class _UpperStepCallback(TrainerCallback):
-    """Runs the upper step after every ``unroll_steps`` lower steps, before the Trainer logs, evaluates or saves."""
+    """The upper level's hooks in the Trainer's loop: records the lower step (``on_pre_optimizer_step``) and runs
+    the upper step after every ``unroll_steps`` lower steps, before the Trainer logs, evaluates or saves."""
 
     def __init__(self, trainer: BiDoRATrainer) -> None:
         self.trainer = weakref.ref(trainer)  # the trainer holds this callback: no reference cycle
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % args.unroll_steps == 0:
-            self.trainer().upper_step()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer()._record_lower_step()
         return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer()
+        if trainer.bilevel and state.global_step % args.unroll_steps == 0:
+            trainer.upper_step()
+        return control
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether some module of ``model`` runs reentrant activation checkpointing (``use_reentrant=True``, or unset:
+    torch's default then), whose backward ``torch.autograd.grad`` cannot see into."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is None:  # not transformers' mechanism: nothing to read
+                continue
+            keywords = getattr(func, "keywords", None) or {}
+            if keywords.get("use_reentrant", True) is not False:
+                return True
+    return False

@@ -21,8 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .io import read_json
-from .model import CONFIG_KEY, AdapterConfig, adapter_layers, apply_adapters
+from .config import AdapterConfig
+from .files import read_json
+from .model import CONFIG_KEY, adapter_layers, apply_adapters
 
 _ADAPTER_KEY = re.compile(r".*\.(lora_A|lora_B|magnitude|_extra_state)$")
 _IGNORE_ON_LOAD = [r"\.lora_A$", r"\.lora_B$", r"\.magnitude$", r"\._extra_state$"]

@@ -24,16 +24,29 @@ The three terms are accumulated in at least float32. The factored sum can lose d
 fine-tuning ``s·BA`` is small against ``W0`` and the relative error stays at the level of the dtype's epsilon; a
 test compares the factored norm with the dense one. :meth:`AdapterLayer.direction` (used by the regulariser and the
 analysis) materialises the dense matrix on purpose.
+
+State derived from the weights
+------------------------------
+What a layer derives from its Parameters is cached, keyed on the Parameters themselves (:func:`_tensor_key`: the
+object, its memory, its version counter, dtype, device, shape; never on a converted copy): the eval-mode ``n`` (on
+A, B and W0) and ``‖W0‖²`` / ``W0 W0ᵀ`` (on W0). Every write autograd sees changes a key; ``.to()`` and loads drop
+the caches outright; writes it cannot see (``.data``, fused optimisers) need :func:`loralib.refresh`. A DoRA
+magnitude that still holds its initial value ``‖W0‖`` (bitwise, and not loaded from a state dict) follows W0: when
+W0 changes under it (pretrained weights loaded after ``apply_adapters``, a dtype move), it is re-initialised, at the
+load or at the next eager forward, so the order of "adapt" and "load" does not matter. Trained or loaded
+magnitudes (any value other than the initial one) never move.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
@@ -63,6 +76,66 @@ def _full_precision_region(device: torch.device):
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# A number per tensor object for as long as it lives (never reused, unlike id() and addresses): a Parameter replaced
+# by a new one (transformers' loading, load_state_dict(assign=True), accelerate) never matches an old key.
+_TENSOR_TOKENS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NEXT_TOKEN = itertools.count()
+
+
+def _tensor_key(tensor: Tensor | None) -> tuple | None:
+    """What identifies the current contents of ``tensor``, a registered Parameter (never a temporary): the object
+    itself (a token), its memory (data pointer, of the local shard for a DTensor: ``.data = ...`` and
+    ``vector_to_parameters`` move it), its version counter (bumped by every in-place write autograd sees: ``copy_``,
+    ``mul_``, optimiser steps, ``load_state_dict``), dtype, device, shape and strides. None when the tensor has no
+    storage to key on (functorch wrappers): then nothing is cached."""
+    if tensor is None:
+        return None
+    local = getattr(tensor, "_local_tensor", None)  # DTensor
+    memory = tensor if local is None else local
+    try:
+        version = -1 if tensor.is_inference() else tensor._version
+        if local is not None and not local.is_inference():
+            version = (version, local._version)
+        key = (memory.data_ptr(), version, tensor.dtype, tensor.device, tuple(tensor.shape), memory.stride())
+        token = _TENSOR_TOKENS.get(tensor)
+        if token is None:
+            token = _TENSOR_TOKENS[tensor] = next(_NEXT_TOKEN)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return (token, *key)
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equal (same dtype, shape and device, equal elements)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def unsupported_weight(weight: Tensor) -> str | None:
+    """Why ``weight`` cannot be a base weight (a short description), or None when it can.
+
+    Plain floating-point tensors can, and so can ``torch.distributed.tensor.DTensor`` (FSDP2, tensor-parallel
+    loading) whose local shard is one. Every other tensor subclass is refused, whatever dtype it reports: torchao's
+    quantised weights (``Int8WeightOnly`` and friends) report ``float32`` and ``is_floating_point()`` but hold
+    integers, and their kernels implement neither the norm nor the merge.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(weight, dtensor):
+        return unsupported_weight(weight._local_tensor)
+    if type(weight) not in (Tensor, nn.Parameter):
+        return f"a {type(weight).__name__} weight (a tensor subclass, such as torchao's quantised weights)"
+    if not weight.is_floating_point():
+        return f"a {weight.dtype} weight"
+    return None
 
 
 def _validate(r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: str) -> None:
@@ -99,6 +172,17 @@ class AdapterLayer(nn.Module):
     #: unless ``joint_magnitude_training`` is set (the bi-level trainer's upper step, or an explicit custom loop).
     magnitude_is_upper_level: bool = False
     joint_magnitude_training: bool = False
+    #: Set (per instance) only inside ``loralib.model.capture_norm_terms``: a caller-owned dict into which each
+    #: forward that computes the exact norm (training, or gradients enabled) records this layer's ``(n, W0 Aᵀ)`` for
+    #: the orthogonality penalty to reuse. Never left on a layer after the context: a graph held by a module would
+    #: break ``copy.deepcopy`` and pin memory.
+    _norm_terms_sink: dict | None = None
+    #: Set (per instance) only inside ``loralib.disable_adapters``: the forward returns the base layer's output.
+    adapter_disabled: bool = False
+    #: DoRA: the magnitude's initial value while the magnitude may still follow W0 (None once it was loaded).
+    _magnitude_init: Tensor | None = None
+    #: The key (:func:`_tensor_key`) of W0 when the layer last looked at it (None: look at the next forward).
+    _w0_seen: tuple | None = None
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
@@ -117,12 +201,13 @@ class AdapterLayer(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         _validate(r, lora_alpha, lora_dropout, init_lora_weights)
-        weight = self.base_weight()
-        if not weight.is_floating_point():
+        unsupported = unsupported_weight(self.weight)
+        if unsupported is not None:
             raise TypeError(
-                f"{type(self).__name__} needs a floating-point base weight, got {weight.dtype} "
+                f"{type(self).__name__} needs a floating-point base weight, got {unsupported} "
                 "(quantised layers are not supported: adapt the floating-point model)"
             )
+        weight = self.base_weight()
         out_features, in_features = weight.shape
         # fp32 adapters on a half-precision base (PEFT's default too): half-precision A, B and m train poorly.
         adapter_dtype = torch.float32 if autocast_adapter_dtype and weight.dtype in _HALF_DTYPES else weight.dtype
@@ -140,12 +225,25 @@ class AdapterLayer(nn.Module):
         # m / n at merge time (DoRA), needed to unmerge. A buffer, so that it follows .to() / .half() with the layer;
         # saved through get_extra_state (the key set of the state dict must not depend on the merge state).
         self.register_buffer("_merge_scale", None, persistent=False)
-        self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None
+        self._norm_cache: tuple[tuple, Tensor] | None = None
         self.reset_adapter_parameters()
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(self.weight, dtensor):  # A and B replicated on the weight's mesh
+            self._distribute_adapter_like(self.weight)
         if self.decomposed:
-            with torch.no_grad():
-                norm = self.weight_norm()  # equals ‖W0‖_row exactly the way the forward computes it: m / n = 1
-            self.magnitude = nn.Parameter(norm.to(adapter_dtype))
+            with torch.no_grad():  # ‖W0‖_row exactly the way the forward computes n with B = 0: m / n = 1
+                self.magnitude = nn.Parameter(self._initial_magnitude(adapter_dtype))
+            self._magnitude_init = self.magnitude.detach().clone()
+        self._w0_seen = self._w0_key()
+
+    def _distribute_adapter_like(self, weight: Tensor) -> None:
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        mesh = weight.device_mesh
+        for name in ("lora_A", "lora_B"):
+            local = getattr(self, name).detach()  # initialised on every rank alike, made identical by rank 0's copy
+            replicated = distribute_tensor(local, mesh, [Replicate()] * mesh.ndim)
+            setattr(self, name, nn.Parameter(replicated))
 
     def reset_adapter_parameters(self) -> None:
         """Re-initialise the direction: A random (Kaiming-uniform or Gaussian), B zero (so ΔW = 0)."""
@@ -157,11 +255,105 @@ class AdapterLayer(nn.Module):
             nn.init.zeros_(self.lora_B)
         self._invalidate_caches()
 
+    # ---- state derived from the weights ----------------------------------------------------------------------
+    # One cache design: a derived tensor is stored as ``(key, value)`` under its own attribute (``_norm_cache``,
+    # ``_w0_sq_cache``, ``_w0_gram_cache``, ``_w0_gram_sq_cache``), the key made of :func:`_tensor_key` of each
+    # Parameter it is computed from (the registered Parameter itself, never a converted copy), so that every write
+    # autograd sees (in-place ops, ``copy_``, ``load_state_dict``, transformers' loading, which assigns new
+    # Parameters, ``vector_to_parameters``, which moves ``.data``) makes it stale. Device and dtype moves
+    # (``_apply``) and loads drop every cache outright. Writes autograd cannot see (``.data`` writes, fused
+    # optimisers) are caught by ``train()`` (mode switches) and by :func:`loralib.refresh`.
+    _CACHES = ("_norm_cache", "_w0_sq_cache", "_w0_gram_cache", "_w0_gram_sq_cache")
+
     def _invalidate_caches(self) -> None:
         """Forget every cached quantity (the eval-mode norm, ‖W0‖², W0 W0ᵀ): after a merge, an unmerge or a load."""
         self._norm_cache = None
-        for name in ("_w0_sq_cache", "_w0_gram_cache", "_w0_gram_sq_cache"):
+        for name in self._CACHES[1:]:
             self.__dict__.pop(name, None)
+
+    def _w0_key(self) -> tuple | None:
+        return _tensor_key(self._parameters.get("weight"))
+
+    def _cached(self, name: str, sources: tuple[Tensor, ...], compute, extra: tuple = ()) -> Tensor:
+        """``compute()``, remembered under ``name`` while every tensor of ``sources`` is unchanged (its key)."""
+        keys = tuple(_tensor_key(t) for t in sources)
+        if any(k is None for k in keys):
+            return compute()
+        key = (*extra, *keys)
+        entry = self.__dict__.get(name)
+        if entry is not None and entry[0] == key and (not entry[1].is_inference() or torch.is_inference_mode_enabled()):
+            return entry[1]
+        value = compute()
+        self.__dict__[name] = (key, value)
+        return value
+
+    def _w0_cached(self, name: str, acc: torch.dtype, compute) -> Tensor:
+        """``compute()`` of the frozen W0 (no gradient flows to it), cached while W0 is unchanged."""
+        weight = self._parameters.get("weight")  # None when the weight is parametrised: computed each time
+        if weight is None or weight.requires_grad or torch.compiler.is_compiling():
+            return compute()
+        return self._cached(name, (weight,), compute, extra=(acc,))
+
+    def _initial_magnitude(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``‖W0‖`` per row, bitwise what :meth:`weight_norm` gives with ``B = 0`` (the factored ``n²`` is then
+        ``‖W0‖² + 0 + 0``): the value of a fresh DoRA magnitude, in ``dtype`` (the magnitude's by default)."""
+        weight, a = self.base_weight(), self.lora_A
+        acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
+        with _full_precision_region(weight.device):
+            w0_sq = self._base_row_norm_sq(acc)
+            norm = self._floored_sqrt(w0_sq, w0_sq, acc, a.dtype)
+        return norm.to(dtype or self.magnitude.dtype)
+
+    @torch.no_grad()
+    def _follow_w0(self) -> None:
+        """A DoRA magnitude still at its initial value (never trained, set or loaded) is the initial value *for the
+        current W0*: re-initialise it after W0 changed (pretrained weights loaded after ``apply_adapters``, a dtype
+        move), so the layer is its base layer at step 0 whatever the order. Once the magnitude differs from the value
+        it was initialised with (an optimiser step), or was itself in a loaded state dict, it is never touched."""
+        self._w0_seen = self._w0_key()
+        if self._w0_seen is None or not self.decomposed or self.merged:  # no key: a functorch wrapper, nothing to do
+            return
+        init = self.__dict__.get("_magnitude_init")
+        magnitude, weight = self._parameters.get("magnitude"), self._parameters.get("weight")
+        if init is None or magnitude is None or weight is None or weight.requires_grad:
+            return
+        if weight.is_meta or magnitude.is_meta or not _same_values(magnitude, init):
+            return
+        value = self._initial_magnitude(magnitude.dtype)
+        if not _same_values(value, magnitude):
+            magnitude.copy_(value)
+        self._magnitude_init = value
+
+    def _check_w0(self) -> None:
+        """Eager forwards only: follow W0 when it changed since the layer last looked (a cheap key comparison)."""
+        key = self._w0_key()
+        if key is not None and key != self._w0_seen:
+            self._follow_w0()
+
+    def refresh(self) -> None:
+        """Recompute everything derived from the weights: after writes autograd cannot see (``.data`` writes, fused
+        optimisers, collectives). See :func:`loralib.refresh`."""
+        self._invalidate_caches()
+        self._follow_w0()
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cuda() / to_empty / share_memory_: the weights may move to memory a freed tensor had
+        # (a float -> half -> float round trip can land where it started, same version), so forget every cache; the
+        # stored initial magnitude is converted exactly as the magnitude is, so the two stay comparable bitwise.
+        module = super()._apply(fn, recurse)
+        init = self.__dict__.get("_magnitude_init")
+        if init is not None:
+            self._magnitude_init = fn(init)
+        self._invalidate_caches()
+        self._w0_seen = None  # the next forward (or load) looks at W0 again
+        return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.decomposed and prefix + "magnitude" in state_dict:
+            self._magnitude_init = None  # the user's magnitude: never re-initialised
+        self._invalidate_caches()
+        self._check_w0()
 
     def train(self, mode: bool = True):
         # The eval-mode norm cache is keyed on the version counters of A, B and W0, which fused optimisers
@@ -206,35 +398,31 @@ class AdapterLayer(nn.Module):
         """``(n, C)`` with ``C = W0 Aᵀ`` (out × r), both in the accumulation dtype (the regulariser reuses ``C``)."""
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
+        adapter_dtype = a.dtype
         with _full_precision_region(weight.device):
+            w0_sq = self._base_row_norm_sq(acc)
             weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
-            w0_sq = self._base_row_norm_sq(weight)
             w0_at = weight @ a.T
             cross = (w0_at * b).sum(dim=1)
             quad = ((b @ (a @ a.T)) * b).sum(dim=1)
             n_sq = w0_sq + (2.0 * s) * cross + (s * s) * quad
-            # The floor keeps n (and m = n at init) a normal number of the magnitude's dtype: in fp16 an all-zero row
-            # would otherwise give m = 0 and m / n = 0 / 0.
-            tiny = max(torch.finfo(acc).tiny, torch.finfo(a.dtype).tiny ** 2)
-            floor = torch.finfo(acc).eps * w0_sq + tiny
-            return n_sq.clamp_min(floor).sqrt(), w0_at
+            return self._floored_sqrt(n_sq, w0_sq, acc, adapter_dtype), w0_at
 
-    def _base_row_norm_sq(self, weight: Tensor) -> Tensor:
-        """``‖W0‖²`` per row. W0 is frozen in fine-tuning: cache it (a full pass over W0 per step otherwise)."""
-        return self._cached("_w0_sq_cache", weight, lambda w: torch.linalg.vector_norm(w, dim=1).square())
+    @staticmethod
+    def _floored_sqrt(n_sq: Tensor, w0_sq: Tensor, acc: torch.dtype, adapter_dtype: torch.dtype) -> Tensor:
+        # The floor keeps n (and m = n at init) a normal number of the magnitude's dtype: in fp16 an all-zero row
+        # would otherwise give m = 0 and m / n = 0 / 0.
+        tiny = max(torch.finfo(acc).tiny, torch.finfo(adapter_dtype).tiny ** 2)
+        floor = torch.finfo(acc).eps * w0_sq + tiny
+        return n_sq.clamp_min(floor).sqrt()
 
-    def _cached(self, name: str, weight: Tensor, compute) -> Tensor:
-        """``compute(weight)``, cached while the frozen ``weight`` is unchanged (same storage and version)."""
-        if weight.requires_grad or torch.compiler.is_compiling():
-            return compute(weight)
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cache = self.__dict__.get(name)
-        if cache is None or cache[0] != key:
-            cache = (key, compute(weight))
-            self.__dict__[name] = cache
-        return cache[1]
+    def _base_row_norm_sq(self, acc: torch.dtype) -> Tensor:
+        """``‖W0‖²`` per row in ``acc``. W0 is frozen in fine-tuning: cached (else a full pass over W0 per step)."""
+        return self._w0_cached(
+            "_w0_sq_cache", acc, lambda: torch.linalg.vector_norm(self.base_weight().to(acc), dim=1).square()
+        )
 
-    def orthogonality_distance(self, reuse_forward: bool = False) -> Tensor:
+    def orthogonality_distance(self, terms: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``‖V̂ V̂ᵀ − I‖_F`` for the unit direction rows ``V̂ = D⁻¹ V``, ``V = W0 + s·BA``, ``D = diag(n)``.
 
         Never forms ``V̂`` or any ``(out, out)`` matrix that autograd has to keep. With ``C = W0 Aᵀ``,
@@ -247,12 +435,14 @@ class AdapterLayer(nn.Module):
         Cost: ``out²·2r`` per step plus the cached ``P`` and ``P∘P`` (``2·out²`` floats per layer). The sum cancels
         ``out`` against ``‖G‖²_F ≈ out + Σ_{i≠j} cos²_ij``: accurate while the rows are far from orthonormal (as
         pretrained weights are); it is clamped at zero so it can never turn negative by rounding.
+
+        ``terms``: ``(n, W0 Aᵀ)`` recorded by a forward of this layer at the *current* parameters (see
+        ``loralib.model.capture_norm_terms``); reusing them saves the rank-r pass over ``W0``, and since they belong
+        to that forward's graph the value and the gradient are the same. Ignored (recomputed) when ``n`` carries no
+        gradient, e.g. a forward run under ``no_grad`` by reentrant gradient checkpointing.
         """
         weight, a, b, s = self.base_weight(), self.lora_A, self.lora_B, self.scaling
         acc = _accumulation_dtype(torch.promote_types(weight.dtype, a.dtype))
-        # reuse_forward: n and W0 Aᵀ of this layer's last training forward (same parameters, same graph), consumed
-        # once; only for a caller that computes the penalty right after that forward (BiDoRATrainer.compute_loss).
-        terms = self.__dict__.pop("_forward_terms", None) if reuse_forward else None
         if terms is None or not terms[0].requires_grad:
             terms = self._norm_terms()
         with _full_precision_region(weight.device):
@@ -261,8 +451,8 @@ class AdapterLayer(nn.Module):
     def _orthogonality_distance(
         self, weight: Tensor, a: Tensor, b: Tensor, s: float, acc: torch.dtype, norm: Tensor, w0_at: Tensor
     ) -> Tensor:
-        gram = self._cached("_w0_gram_cache", weight, lambda w: w.to(acc) @ w.to(acc).T)
-        gram_sq = self._cached("_w0_gram_sq_cache", weight, lambda w: gram.square())
+        gram = self._w0_cached("_w0_gram_cache", acc, lambda: weight.to(acc) @ weight.to(acc).T)
+        gram_sq = self._w0_cached("_w0_gram_sq_cache", acc, lambda: gram.square())
         r = self.r
         eye = torch.eye(r, dtype=acc, device=a.device)
         mix = torch.cat([torch.cat([torch.zeros_like(eye), s * eye], 1), torch.cat([s * eye, (s * s) * (a @ a.T)], 1)])
@@ -280,27 +470,32 @@ class AdapterLayer(nn.Module):
         return adapted / self.weight_norm().to(adapted.dtype).unsqueeze(1)
 
     def _norm_for_forward(self) -> Tensor:
+        if not torch.compiler.is_compiling():
+            self._check_w0()  # W0 changed since the last look (a load, copy_, a dtype move): follow it
         norm_needs_grad = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
         if self.training or norm_needs_grad or torch.compiler.is_compiling():
             self._norm_cache = None  # a step may follow, and fused optimisers update A, B without a version bump
             norm, w0_at = self._norm_terms()
-            self.__dict__["_forward_terms"] = (norm, w0_at)
+            if self._norm_terms_sink is not None:  # inside capture_norm_terms only
+                self._record_norm_terms(norm, w0_at)
             return norm.detach() if self.detach_norm else norm
         # Inference: the norm only changes when A, B or W0 change; reuse it so DoRA costs what LoRA costs.
-        weight = self.base_weight()
-        key = tuple(
-            v for t in (self.lora_A, self.lora_B, weight) for v in (t.data_ptr(), t._version, t.device.index or -1)
-        )
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                self._norm_cache = (key, self.weight_norm())
-        return self._norm_cache[1]
+        with torch.no_grad():
+            sources = (self.lora_A, self.lora_B, self._parameters.get("weight"))
+            return self._cached("_norm_cache", sources, self.weight_norm)
+
+    def _record_norm_terms(self, norm: Tensor, w0_at: Tensor) -> None:
+        # A layer run several times in one forward (shared weights) computes the same terms each time; keep one that
+        # carries a gradient if any does (a no_grad run, e.g. reentrant checkpointing, must not replace it).
+        sink = self._norm_terms_sink
+        if norm.requires_grad or self not in sink:
+            sink[self] = (norm, w0_at)
 
     def forward(self, x: Tensor) -> Tensor:
         # The base output is the unadapted layer's own (bias included, same kernels, same autocast behaviour), so an
         # adapter at its initial state returns exactly what the pretrained layer returns, in every dtype.
         base = self._base_forward(x)
-        if self.merged:
+        if self.merged or self.adapter_disabled:
             return base
         # s is applied to the rank-r activations (cheap), and the add is fused into the B matmul (addmm).
         low_rank = self._adapter_input(x) * self.scaling
@@ -338,6 +533,7 @@ class AdapterLayer(nn.Module):
 
     def _magnitude_scale(self) -> Tensor:
         """``m / n`` per output row, in the merge dtype (at least float32)."""
+        self._check_w0()  # a merge right after W0 changed: the magnitude follows first, as in a forward
         norm = self.weight_norm()
         return self.magnitude.to(norm.dtype) / norm
 
@@ -364,6 +560,8 @@ class AdapterLayer(nn.Module):
         """
         if self.merged:
             return False
+        if self.adapter_disabled:
+            raise RuntimeError("cannot merge inside loralib.disable_adapters: leave the with-block first")
         scale = None
         if self.decomposed:
             with _full_precision_region(self.base_weight().device):
@@ -377,6 +575,7 @@ class AdapterLayer(nn.Module):
         self._merge_scale = scale
         self.merged = True
         self._invalidate_caches()
+        self._w0_seen = self._w0_key()  # our own write: the magnitude does not follow it
         return True
 
     @torch.no_grad()
@@ -397,6 +596,7 @@ class AdapterLayer(nn.Module):
         self._merge_scale = None
         self.merged = False
         self._invalidate_caches()
+        self._w0_seen = self._w0_key()
         return True
 
     def make_base_module(self) -> nn.Module:
@@ -429,6 +629,18 @@ class AdapterLayer(nn.Module):
         self.merged = merged
         self._merge_scale = None if scale is None else scale.to(device=weight.device, dtype=self._merge_dtype())
         self._invalidate_caches()
+
+
+class WeightsFollower:
+    """A ``load_state_dict`` post-hook that :func:`loralib.apply_adapters` registers on the model: once the whole
+    state dict is in, every DoRA magnitude still at its initial value follows its (possibly newly loaded) W0. The
+    layers also look after their own load; this catches W0 loaded through another module (tied weights). A class,
+    not a closure, so that a hooked model deep-copies and pickles."""
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        for layer in module.modules():
+            if isinstance(layer, AdapterLayer):
+                layer._check_w0()
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,19 +1,22 @@
-"""Model-level API: which modules get adapters, which parameters train at which level, merging."""
+"""Model-level API: which modules get adapters, which parameters train at which level, merging.
+
+:class:`~loralib.config.AdapterConfig` lives in :mod:`loralib.config`; it is imported here too, so
+``from loralib.model import AdapterConfig`` keeps working.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import config as _config
+from .config import ALL_LINEAR, AdapterConfig, matches_module_name
 from .layers import (
     AdapterLayer,
     BiDoRAConv1D,
@@ -24,11 +27,9 @@ from .layers import (
     LoRAConv1D,
     LoRAEmbedding,
     LoRALinear,
+    WeightsFollower,
+    unsupported_weight,
 )
-
-METHODS = ("lora", "dora", "bidora")
-#: ``target_modules`` shorthand: every Linear / Conv1D but the output head (see :func:`target_module_names`).
-ALL_LINEAR = "all-linear"
 
 # (method, base type) -> adapter class. Checked once at injection time, never in a forward.
 _LAYER_CLASSES: dict[str, list[tuple[type[nn.Module], type[AdapterLayer]]]] = {
@@ -41,150 +42,6 @@ _CONFIG_ATTR = "_loralib_adapter_config"
 #: The key under which the adapter config is stored in a transformers model's ``config`` (and so in ``config.json``
 #: written by ``save_pretrained``); ``loralib.from_pretrained`` reads it back.
 CONFIG_KEY = "loralib_adapter_config"
-
-
-@dataclass
-class AdapterConfig:
-    """What to adapt and how.
-
-    Args:
-        method: ``"lora"``, ``"dora"`` or ``"bidora"``.
-        r: rank of the update ``B A``.
-        lora_alpha: scale numerator; the update is multiplied by ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
-        lora_dropout: dropout on the adapter input only, in [0, 1).
-        target_modules: module-name suffixes (``"query"`` matches ``...attention.self.query``), a single regex
-            string that must match the full module name, or ``"all-linear"``: every ``nn.Linear`` and transformers
-            ``Conv1D`` except the output head and the ``modules_to_save`` (see :func:`target_module_names`).
-        modules_to_save: module-name suffixes kept trainable without an adapter (e.g. the task head).
-        use_rslora: scale by ``lora_alpha / sqrt(r)``.
-        init_lora_weights: ``"kaiming"`` (uniform, like ``nn.Linear``) or ``"gaussian"`` for ``lora_A``.
-        detach_norm: treat the row norm as a constant in backward (the DoRA paper's cheaper approximation).
-        autocast_adapter_dtype: on a float16 / bfloat16 base, create ``lora_A``, ``lora_B`` and ``magnitude`` in
-            float32 (PEFT's default; half-precision adapters train poorly). False keeps the base dtype. An explicit
-            ``model.half()`` / ``model.to(dtype)`` afterwards converts the adapters too.
-        rank_pattern: per-module ranks overriding ``r``, ``{key: rank}``. As in PEFT, ``key`` is a regex matched
-            against the end of the module name at a dot boundary, ``re.match(rf"(.*\\.)?({key})$", name)``; the
-            first matching key (in dict order) wins. E.g. ``{"layer.0.attention.self.query": 16}``.
-        alpha_pattern: per-module ``lora_alpha`` overriding ``lora_alpha``, ``{key: alpha}``, same matching rule.
-    """
-
-    method: str = "bidora"
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
-    modules_to_save: list[str] = field(default_factory=list)
-    use_rslora: bool = False
-    init_lora_weights: str = "kaiming"
-    detach_norm: bool = False
-    autocast_adapter_dtype: bool = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if (
-            isinstance(self.lora_dropout, bool)
-            or not isinstance(self.lora_dropout, (int, float))
-            or not (0.0 <= self.lora_dropout < 1.0)
-        ):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in ("kaiming", "gaussian"):
-            raise ValueError(f"init_lora_weights must be 'kaiming' or 'gaussian', got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
-            self.target_modules = ALL_LINEAR
-        elif isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as err:
-                raise ValueError(f"target_modules is not a valid regex: {err}") from None
-        else:
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(
-                    f"target_modules must be a non-empty list of names or a regex, got {self.target_modules!r}"
-                )
-        self.modules_to_save = list(self.modules_to_save)
-        self.rank_pattern = _validated_pattern("rank_pattern", self.rank_pattern, integer=True)
-        self.alpha_pattern = _validated_pattern("alpha_pattern", self.alpha_pattern, integer=False)
-
-    def rank_for(self, name: str) -> int:
-        """The rank of module ``name``: the first matching ``rank_pattern`` entry, else ``r``."""
-        key = pattern_key(name, self.rank_pattern)
-        return self.r if key is None else self.rank_pattern[key]
-
-    def alpha_for(self, name: str) -> float:
-        """The ``lora_alpha`` of module ``name``: the first matching ``alpha_pattern`` entry, else ``lora_alpha``."""
-        key = pattern_key(name, self.alpha_pattern)
-        return self.lora_alpha if key is None else self.alpha_pattern[key]
-
-    @classmethod
-    def from_peft(cls, peft_config: object, *, detach_norm: bool = False) -> AdapterConfig:
-        """The loralib config equivalent to a PEFT ``LoraConfig`` (or its dict, as in ``adapter_config.json``).
-
-        See :func:`loralib.peft_compat.adapter_config_from_peft` (options loralib cannot represent raise
-        ValueError naming the option). Imported DoRA trains with loralib's exact gradients unless ``detach_norm``.
-        """
-        from .peft_compat import adapter_config_from_peft
-
-        return adapter_config_from_peft(peft_config, detach_norm=detach_norm)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AdapterConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
-
-
-def matches_module_name(name: str, patterns: list[str] | str) -> bool:
-    """True when ``name`` ends with one of the suffixes ``patterns`` (at a dot), or fully matches the regex.
-
-    ``"all-linear"`` is not a name pattern (it depends on module types): use :func:`target_module_names`.
-    """
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def pattern_key(name: str, pattern: dict[str, object]) -> str | None:
-    """The first key of ``pattern`` (a ``rank_pattern`` / ``alpha_pattern``) matching module ``name``, or None.
-
-    A key matches when ``re.match(rf"(.*\\.)?({key})$", name)`` does (PEFT's rule): the key is a regex for the end
-    of the name, starting at a dot boundary (``"query"`` matches ``...self.query``, not ``...self.subquery``).
-    """
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
-def _validated_pattern(label: str, pattern: object, integer: bool) -> dict:
-    if pattern is None:
-        return {}
-    if not isinstance(pattern, dict):
-        raise ValueError(f"{label} must be a dict {{module-name regex: value}}, got {pattern!r}")
-    what = "positive integer" if integer else "positive number"
-    for key, value in pattern.items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"{label} keys must be non-empty strings, got {key!r}")
-        try:
-            re.compile(key)
-        except re.error as err:
-            raise ValueError(f"{label} key {key!r} is not a valid regex: {err}") from None
-        bad_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-        if bad_type or not value > 0 or not math.isfinite(value):
-            raise ValueError(f"{label}[{key!r}] must be a {what}, got {value!r}")
-    return dict(pattern)
 
 
 def output_head_name(model: nn.Module) -> str | None:
@@ -257,8 +114,9 @@ def _quantised_kind(module: nn.Module) -> str | None:
     if ".quantized" in module_path or module_path.startswith(("torch.ao.nn.q", "torch.nn.q")):
         return f"a torch quantised {type(module).__name__}"
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-        return f"a {type(module).__name__} with a {weight.dtype} weight"
+    unsupported = unsupported_weight(weight) if isinstance(weight, torch.Tensor) else None
+    if unsupported is not None:  # an integer weight, or a tensor subclass (torchao) that reports a float dtype
+        return f"a {type(module).__name__} with {unsupported}"
     return None
 
 
@@ -362,6 +220,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Fals
             if param is not None:
                 param.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
+    # after any load_state_dict of the whole model: DoRA magnitudes still at init follow the loaded W0 (tied weights
+    # loaded through another module included)
+    model.register_load_state_dict_post_hook(WeightsFollower())
     _record_in_hf_config(model, config)
     _warn_on_adapters_that_never_run(model)
 
@@ -403,20 +264,53 @@ def magnitude_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [layer.magnitude for _, layer in adapter_layers(model) if layer.decomposed]
 
 
-def orthogonality_penalty(model: nn.Module, reuse_forward: bool = False) -> torch.Tensor:
+def orthogonality_penalty(
+    model: nn.Module, terms: dict[AdapterLayer, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> torch.Tensor:
     """Mean over decomposed layers of ``‖V̂ V̂ᵀ − I‖_F`` with ``V̂`` the row-normalised ``(out, in)`` direction.
 
     This is the paper's ``‖V̂ᵀV̂ − I‖_F`` written for PyTorch's ``(out, in)`` layout (the paper stores ``W`` as
     ``(in, out)`` with column norms): the Gram matrix of the unit direction vectors, whose diagonal is exactly 1.
     Computed in factored form (:meth:`AdapterLayer.orthogonality_distance`), never materialising the direction.
-    ``reuse_forward=True`` takes each layer's row norm and ``W0 Aᵀ`` from the model's last training forward (the
-    same graph, so the same value and gradient, at about half the cost); call it only right after that forward,
-    before any parameter update.
+
+    ``terms``: what :func:`capture_norm_terms` recorded during a forward at the current parameters; each layer's row
+    norm and ``W0 Aᵀ`` are then taken from that forward's graph (same value and gradient, at about half the cost).
+    Layers that did not run in it, or ran without gradients, are computed from scratch.
     """
     layers = [layer for _, layer in adapter_layers(model) if layer.decomposed]
     if not layers:
         raise ValueError("orthogonality_penalty needs DoRA/BiDoRA layers; the model has none")
-    return torch.stack([layer.orthogonality_distance(reuse_forward) for layer in layers]).sum() / len(layers)
+    terms = terms or {}
+    return torch.stack([layer.orthogonality_distance(terms.get(layer)) for layer in layers]).sum() / len(layers)
+
+
+@contextmanager
+def capture_norm_terms(model: nn.Module) -> Iterator[dict[AdapterLayer, tuple[torch.Tensor, torch.Tensor]]]:
+    """Record, for the penalty, the row norm ``n`` and ``W0 Aᵀ`` that the forward computes in each DoRA/BiDoRA layer::
+
+        with capture_norm_terms(model) as terms:
+            loss = model(**batch).loss
+        loss = loss + orth_reg * orthogonality_penalty(model, terms=terms)
+
+    ``terms`` is a plain dict ``{layer: (n, W0 Aᵀ)}`` owned by the caller: it holds graph tensors, so let it go once
+    the penalty is computed, and use it only before the parameters change. Forwards in training mode or with
+    gradients enabled record (the penalty ignores a record without gradient, e.g. from a ``no_grad`` forward); a layer
+    run several times keeps one record, with gradient if any has one (at the same parameters they are equal). Nothing
+    is left on the layers afterwards, even on an exception, so the model stays deep-copyable.
+    """
+    terms: dict[AdapterLayer, tuple[torch.Tensor, torch.Tensor]] = {}
+    layers = [layer for _, layer in adapter_layers(model) if layer.decomposed]
+    outer = [layer.__dict__.get("_norm_terms_sink") for layer in layers]  # a nested capture restores the outer one
+    try:
+        for layer in layers:
+            layer._norm_terms_sink = terms
+        yield terms
+    finally:
+        for layer, previous in zip(layers, outer):
+            if previous is None:
+                layer.__dict__.pop("_norm_terms_sink", None)
+            else:
+                layer._norm_terms_sink = previous
 
 
 def allow_joint_magnitude_training(model: nn.Module, allow: bool = True) -> None:
@@ -428,17 +322,21 @@ def allow_joint_magnitude_training(model: nn.Module, allow: bool = True) -> None
 
 
 @contextmanager
-def joint_magnitude_training(model: nn.Module) -> Iterator[None]:
-    """Inside, BiDoRA layers accept a forward in which the magnitudes need a gradient (the upper-level step)."""
-    layers = [layer for _, layer in adapter_layers(model)]
-    before = [layer.joint_magnitude_training for layer in layers]
+def magnitudes_trainable(model: nn.Module, trainable: bool = True) -> Iterator[None]:
+    """Inside, the DoRA / BiDoRA magnitudes of ``model`` are trainable (``requires_grad``, and BiDoRA layers accept a
+    training forward that differentiates them: the upper step) or, with ``trainable=False``, frozen (the lower level
+    and BiDoRA's retraining phase); on exit every flag is as it was. The one switch for "who trains the magnitudes"."""
+    layers = [layer for _, layer in adapter_layers(model) if layer.decomposed]
+    before = [(layer.magnitude.requires_grad, layer.joint_magnitude_training) for layer in layers]
     for layer in layers:
-        layer.joint_magnitude_training = True
+        layer.magnitude.requires_grad_(trainable)
+        layer.joint_magnitude_training = trainable
     try:
         yield
     finally:
-        for layer, value in zip(layers, before):
-            layer.joint_magnitude_training = value
+        for layer, (grad, joint) in zip(reversed(layers), reversed(before)):
+            layer.magnitude.requires_grad_(grad)
+            layer.joint_magnitude_training = joint
 
 
 def reset_directions(model: nn.Module) -> None:
@@ -560,3 +458,12 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def count_parameters(params: Sequence[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
+
+
+def __getattr__(name: str):
+    # Moved to loralib.config with AdapterConfig: the old import paths keep working, with a DeprecationWarning.
+    if name in ("METHODS", "pattern_key"):
+        message = f"loralib.model.{name} moved to loralib.config.{name}; import it from there"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return getattr(_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

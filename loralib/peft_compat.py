@@ -1,9 +1,10 @@
 """PEFT interoperability: read PEFT LoRA / DoRA configs and folders, write loralib adapters in PEFT's format.
 
-* :func:`adapter_config_from_peft` (also ``AdapterConfig.from_peft``): a PEFT ``LoraConfig`` or its dict -> an
-  :class:`~loralib.AdapterConfig`. Every ``LoraConfig`` field of PEFT 0.21 is either mapped, ignored because it does
-  not change the adapter (listed in :data:`IGNORED_OPTIONS`), or refused by name when it has a non-default value
-  loralib cannot represent (:data:`REFUSED_OPTIONS`). Nothing is dropped silently.
+* :func:`adapter_config_from_peft` (also ``AdapterConfig.from_peft``; defined in :mod:`loralib.config`, with the
+  option tables): a PEFT ``LoraConfig`` or its dict -> an :class:`~loralib.AdapterConfig`. Every ``LoraConfig``
+  field of PEFT 0.21 is either mapped, ignored because it does not change the adapter (listed in
+  :data:`IGNORED_OPTIONS`), or refused by name when it has a non-default value loralib cannot represent
+  (:data:`REFUSED_OPTIONS`). Nothing is dropped silently.
 * :func:`load_peft_adapter`: a folder written by PEFT's ``save_pretrained`` -> loralib adapters on a model, with
   the same outputs. :func:`loralib.load_adapters` recognises PEFT folders and calls it.
 * :func:`export_peft`: loralib adapters -> a folder ``PeftModel.from_pretrained`` loads with the same outputs.
@@ -21,7 +22,6 @@ parameters under their plain names (``base_model.model.classifier.dense.weight``
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import os
 from pathlib import Path
@@ -31,183 +31,30 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .io import (
+from .adapter_state import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    _require_config,
     adapter_kind,
-    atomic_write,
-    atomic_write_text,
     check_same_adapters,
     copy_adapter_tensors,
-    read_safetensors,
+    require_adapter_config,
 )
-from .layers import LoRAEmbedding
-from .model import (
+from .config import (  # the PEFT option tables live with AdapterConfig; re-exported here
     ALL_LINEAR,
+    IGNORED_OPTIONS,
     METHODS,
-    AdapterConfig,
-    adapter_layers,
-    apply_adapters,
-    get_adapter_config,
-    saved_module_parameters,
-    target_module_names,
+    REFUSED_OPTIONS,
+    adapter_config_from_peft,
 )
+from .files import atomic_write, atomic_write_text, read_safetensors
+from .layers import LoRAEmbedding
+from .model import adapter_layers, apply_adapters, get_adapter_config, saved_module_parameters, target_module_names
 
 __all__ = ["IGNORED_OPTIONS", "REFUSED_OPTIONS", "adapter_config_from_peft", "export_peft", "load_peft_adapter"]
 
 PREFIX = "base_model.model."
 #: safetensors metadata key recording the loralib method (PEFT has no BiDoRA; its config would warn on a new key).
 METHOD_METADATA_KEY = "loralib_method"
-
-# PEFT's defaults for the options loralib maps (used when a dict leaves them out).
-_PEFT_DEFAULTS = {
-    "r": 8,
-    "lora_alpha": 8,
-    "lora_dropout": 0.0,
-    "use_rslora": False,
-    "use_dora": False,
-    "modules_to_save": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "init_lora_weights": True,
-}
-
-#: Options that do not change the adapter's weights or outputs; accepted with any value.
-IGNORED_OPTIONS = {
-    "task_type": "what PEFT wrapper class to use",
-    "auto_mapping": "the base-model class for AutoPeftModel",
-    "peft_version": "the PEFT version that saved the file",
-    "base_model_name_or_path": "where PEFT loads the base model from",
-    "revision": "the base model's revision",
-    "inference_mode": "whether PEFT freezes the adapter",
-    "runtime_config": "runtime-only settings (ephemeral GPU offload), never saved",
-    "fan_in_fan_out": "loralib reads the weight layout from the module type (Conv1D is (in, out)); PEFT itself "
-    "overrides a wrong value per layer",
-    "megatron_core": "only used with megatron_config, which is refused",
-    "qalora_group_size": "only used with use_qalora, which is refused",
-}
-
-#: Options loralib cannot represent: ``{name: (accepted default values, reason)}``; other values raise ValueError.
-REFUSED_OPTIONS: dict[str, tuple[tuple, str]] = {
-    "bias": (("none",), "loralib never trains the base biases"),
-    "lora_bias": ((False, None), "loralib's lora_B has no bias"),
-    "exclude_modules": ((None, [], ""), "list the modules to adapt in target_modules instead"),
-    "layers_to_transform": ((None, []), "select layers with a target_modules regex instead"),
-    "layers_pattern": ((None, [], ""), "select layers with a target_modules regex instead"),
-    "megatron_config": ((None, {}), "Megatron parallel layers are not supported"),
-    "trainable_token_indices": ((None, [], {}), "trainable tokens are not supported"),
-    "loftq_config": ((None, {}), "LoftQ changes the base weights"),
-    "eva_config": ((None, {}), "EVA initialisation is not supported"),
-    "corda_config": ((None, {}), "CorDA changes the base weights"),
-    "lora_ga_config": ((None, {}), "LoRA-GA changes the base weights"),
-    "velora_config": ((None, {}), "VeLoRA's custom backward is not supported"),
-    "alora_invocation_tokens": ((None, []), "activated LoRA is not supported"),
-    "use_qalora": ((False, None), "QALoRA is not supported"),
-    "monteclora_config": ((None, {}), "MonteCLoRA is not supported"),
-    "layer_replication": ((None, []), "layer replication is not supported"),
-    "target_parameters": ((None, []), "loralib adapts modules, not bare parameters"),
-    "use_bdlora": ((None, {}), "block-diagonal LoRA is not supported"),
-    "arrow_config": ((None, {}), "Arrow routing is not supported"),
-    "kasa_config": ((None, {}), "KaSA is not supported"),
-    "ensure_weight_tying": ((False, None), "loralib does not adapt tied copies of a module together"),
-}
-
-_MAPPED = {"peft_type", "target_modules", *_PEFT_DEFAULTS}
-# PEFT's init_lora_weights values with a loralib equivalent (True: Kaiming-uniform A, zero B).
-_INIT = {True: "kaiming", "gaussian": "gaussian"}
-
-
-def _plain(value: object) -> object:
-    """PEFT enums (PeftType, TaskType) as their string values, sets as sorted lists."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return value
-
-
-def _refuse(name: str, value: object, reason: str) -> ValueError:
-    return ValueError(f"PEFT option {name}={value!r} is not supported by loralib ({reason})")
-
-
-def adapter_config_from_peft(peft_config: object, *, detach_norm: bool = False) -> AdapterConfig:
-    """The loralib :class:`~loralib.AdapterConfig` equivalent to a PEFT LoRA config.
-
-    Args:
-        peft_config: a ``peft.LoraConfig`` or its dict (the content of PEFT's ``adapter_config.json``).
-        detach_norm: DoRA only. PEFT always detaches the row norm ``‖W0 + s·BA‖`` in backward (the DoRA paper's
-            approximation); loralib by default gives the exact gradient. Imported DoRA adapters therefore train with
-            exact gradients unless ``detach_norm=True``, which reproduces PEFT's gradients. The forward is the same.
-
-    Mapping: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` (list, regex string or ``"all-linear"``),
-    ``modules_to_save`` (duplicates removed), ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
-    ``use_dora`` (-> method ``"dora"``, else ``"lora"``), ``init_lora_weights`` (True -> ``"kaiming"``,
-    ``"gaussian"``). :data:`IGNORED_OPTIONS` do not change the adapter.
-
-    Raises:
-        TypeError: ``peft_config`` is neither a config object with ``to_dict()`` nor a dict.
-        ValueError: ``peft_type`` is not ``"LORA"``; ``target_modules`` is missing or empty; an option in
-            :data:`REFUSED_OPTIONS` has a non-default value, ``init_lora_weights`` is anything but True /
-            ``"gaussian"`` (pissa, olora, loftq, eva, corda, orthogonal, mica, lora_ga, False), or an option unknown
-            to PEFT 0.21 is set (each names the option and its value); an invalid value (e.g. ``r=0``).
-    """
-    if isinstance(peft_config, dict):
-        data = dict(peft_config)
-    elif callable(getattr(peft_config, "to_dict", None)):
-        data = peft_config.to_dict()
-    else:
-        raise TypeError(f"expected a PEFT LoraConfig or its dict, got a {type(peft_config).__name__}")
-    data = {key: _plain(value) for key, value in data.items()}
-
-    peft_type = data.get("peft_type")
-    if peft_type != "LORA":
-        raise ValueError(f"PEFT peft_type={peft_type!r} is not supported by loralib (only LORA: LoRA and DoRA)")
-    for name, value in data.items():
-        if name in _MAPPED or name in IGNORED_OPTIONS:
-            continue
-        if name in REFUSED_OPTIONS:
-            defaults, reason = REFUSED_OPTIONS[name]
-            if not any(value == d and type(value) is type(d) for d in defaults):
-                raise _refuse(name, value, reason)
-        elif value not in (None, False, {}, [], ""):
-            raise _refuse(name, value, "an option unknown to this loralib (written by a newer PEFT?)")
-    options = {key: data.get(key, default) for key, default in _PEFT_DEFAULTS.items()}
-
-    init = options["init_lora_weights"]
-    if init is True or init == "gaussian":
-        init_lora_weights = _INIT[init]
-    else:
-        reason = "only True (Kaiming-uniform A, zero B) and 'gaussian' exist in loralib"
-        if init is False:
-            reason = "random B initialisation is a PEFT debugging option"
-        raise _refuse("init_lora_weights", init, reason)
-
-    targets = data.get("target_modules")
-    if targets is None or targets == [] or targets == "":
-        raise _refuse(
-            "target_modules", targets, "pass the modules explicitly; PEFT's per-architecture default is not known here"
-        )
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = ALL_LINEAR
-    elif not isinstance(targets, str):
-        targets = list(targets)
-
-    modules_to_save = list(dict.fromkeys(options["modules_to_save"] or []))
-    return AdapterConfig(
-        method="dora" if options["use_dora"] else "lora",
-        r=options["r"],
-        lora_alpha=options["lora_alpha"],
-        lora_dropout=options["lora_dropout"],
-        target_modules=targets,
-        modules_to_save=modules_to_save,
-        use_rslora=bool(options["use_rslora"]),
-        init_lora_weights=init_lora_weights,
-        detach_norm=detach_norm,
-        rank_pattern=dict(options["rank_pattern"] or {}),
-        alpha_pattern=dict(options["alpha_pattern"] or {}),
-    )
-
 
 # ---- import -------------------------------------------------------------------------------------------------------
 _SUFFIXES = {  # key suffix -> (role, is the Embedding layout)
@@ -396,7 +243,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     Raises:
         ValueError: the model has no adapters, or they are merged (PEFT expects the pristine base weights).
     """
-    config = _require_config(model)
+    config = require_adapter_config(model)
     layers = adapter_layers(model)
     if any(layer.merged for _, layer in layers):
         raise ValueError("unmerge the adapters before exporting to PEFT (PEFT expects the pristine base weights)")

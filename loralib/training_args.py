@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .bilevel import HYPERGRADIENTS
+from .hypergradients import ESTIMATORS
+
+HYPERGRADIENTS = tuple(ESTIMATORS)
 
 
 @dataclass
@@ -21,13 +23,17 @@ class BiDoRATrainingArguments(TrainingArguments):
     Parameters that control the upper level:
         upper_learning_rate / upper_weight_decay: the magnitudes' AdamW settings (default: the lower ones).
         upper_batch_size: examples per upper step and process (default ``per_device_train_batch_size``).
-        hypergradient: ``darts`` (finite differences, the paper's), ``neumann``, ``cg`` or ``first_order`` (no
-            implicit term: the magnitudes get only their direct gradient on the held-out batch).
+        hypergradient: ``darts`` (finite differences, the paper's), ``neumann``, ``cg``, ``sama`` (darts through
+            the Jacobian of the lower AdamW step), ``damped_solve`` (a warm-started solve of ``(H + δI) z = v``,
+            converging to the damped implicit hypergradient) or ``first_order`` (no implicit term: the magnitudes get
+            only their direct gradient on the held-out batch). See docs/hypergradients.md.
         unroll_steps: lower steps per upper step.
         darts_alpha: darts' step ``ε = darts_alpha / ‖v‖``.
         neumann_iterations / neumann_alpha: terms and step size of the Neumann series for ``H⁻¹ v``; it converges
             only for ``neumann_alpha < 2 / λ_max(H)`` (the lower Hessian's largest eigenvalue).
         cg_iterations: conjugate-gradient iterations for ``H⁻¹ v``.
+        damped_solve_damping: ``δ`` of ``damped_solve``'s ``(H + δI)``; the lower Hessian is indefinite on real
+            encoders, so δ must exceed ``|λ_min(H)|`` for the damped system to be positive definite.
     Parameters that control the lower level:
         orth_reg: weight of the orthogonality regulariser ``mean_layers ‖V̂ V̂ᵀ − I‖_F`` in the lower loss
             (DoRA / BiDoRA models).
@@ -59,6 +65,9 @@ class BiDoRATrainingArguments(TrainingArguments):
     neumann_iterations: int = field(default=3, metadata={"help": "terms of the Neumann series"})
     neumann_alpha: float = field(default=1.0, metadata={"help": "Neumann step; converges below 2 / lambda_max(H)"})
     cg_iterations: int = field(default=3, metadata={"help": "conjugate-gradient iterations"})
+    damped_solve_damping: float = field(
+        default=1.0, metadata={"help": "damped_solve: delta of the damped lower Hessian H + delta*I (>= 0)"}
+    )
     # lower level
     orth_reg: float = field(default=1e-5, metadata={"help": "orthogonality regulariser weight (lower loss)"})
 
@@ -95,8 +104,17 @@ class BiDoRATrainingArguments(TrainingArguments):
         integer("neumann_iterations", 1)
         number("neumann_alpha", 0.0, inclusive=False)
         integer("cg_iterations", 1)
+        number("damped_solve_damping", 0.0)
         number("orth_reg", 0.0)
         super().__post_init__()
+
+    def hypergradient_settings(self) -> dict:
+        """The estimators' settings (each estimator takes the ones it knows)."""
+        return {
+            "darts_alpha": self.darts_alpha, "neumann_iterations": self.neumann_iterations,
+            "neumann_alpha": self.neumann_alpha, "cg_iterations": self.cg_iterations,
+            "damped_solve_damping": self.damped_solve_damping,
+        }
 
     @property
     def upper_lr(self) -> float:

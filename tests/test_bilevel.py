@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loralib
-from loralib.bilevel import BatchStream, split_indices
+from loralib.data import BatchStream, split_indices
 from tests.tiny_models import tiny_roberta
 
 L = 8
@@ -39,23 +39,24 @@ def bidora_model(dropout: float = 0.1):
 
 
 def test_repeated_evaluations_of_a_batch_see_the_same_dropout_masks():
-    """darts evaluates the lower loss of one batch twice (θ ± εv); only the parameters may differ between them."""
-    from loralib.bilevel import LowerLevel, lower_config
+    """darts evaluates the lower loss of one batch twice (θ ± εv); only the parameters may differ between them,
+    and the evaluations leave the global RNG where it was."""
+    from loralib.bilevel import LowerLevel
 
     model = bidora_model(dropout=0.3).train()
     loralib.allow_joint_magnitude_training(model)
     batch = collate(make_data(8))
-    lower = LowerLevel(loralib.direction_parameters(model), lambda b: task_loss(model, b), None,
-                       lower_config("darts", 0.01, 3, 1.0, 3), "cpu")
-    lower.batch_seed = 17
-    first, second = lower.training_step(batch), lower.training_step(batch)
+    lower = LowerLevel(loralib.direction_parameters(model), lambda b: task_loss(model, b), None, "cpu")
+    problem = lower.at(batch, 17, loralib.magnitude_parameters(model))
+    state = torch.random.get_rng_state()
+    first, second = problem.loss(), problem.loss()
     assert torch.equal(first, second)
+    assert torch.equal(torch.random.get_rng_state(), state)
     # ... and dropout is really active: plain evaluations with the global RNG differ, as does another seed.
     with torch.no_grad():
         plain = [task_loss(model, batch) for _ in range(2)]
     assert not torch.equal(plain[0], plain[1])
-    lower.batch_seed = 18
-    assert not torch.equal(lower.training_step(batch), first)
+    assert not torch.equal(lower.at(batch, 18, loralib.magnitude_parameters(model)).loss(), first)
 
 
 def test_batches_are_plain_dicts_and_streams_resume_exactly():

@@ -64,7 +64,7 @@ REQUIRED_FIELDS = {
 
 
 class Config:
-    """One config file as run_glue.py reads it: the four argument dataclasses, attribute access over all of them."""
+    """One config file as run_glue.py reads it: the five argument dataclasses, attribute access over all of them."""
 
     def __init__(self, path: Path) -> None:
         self.groups = run_glue.parse_args(["--config", str(path), "--output_dir", "unused"])

@@ -101,40 +101,41 @@ def test_darts_restores_lower_parameters_exactly(data):
     x_lo, y_lo, x_up, y_up, m = data
     w = closed_form_w(m, x_lo, y_lo) + 0.1234567
     toy, lower, upper = trainer_levels(data, "darts", w0=w, darts_alpha=0.37)
-    lower.cur_batch = {"x": x_lo, "y": y_lo}
     for _ in range(3):
-        upper.hypergradient_of({"x": x_up, "y": y_up})
+        hypergradient_at(upper, {"x": x_lo, "y": y_lo}, {"x": x_up, "y": y_up})
     assert torch.equal(toy.w.detach(), w)
 
 
 # ---- the same closed forms through the Trainer-driven levels (loralib.BiDoRATrainer's UpperLevel) ---------------
 def trainer_levels(data, hypergradient, w0=None, **settings):
-    from loralib.bilevel import LowerLevel, UpperLevel, lower_config
+    from loralib.bilevel import LowerLevel, UpperLevel
+    from loralib.hypergradients import build_hypergradient
 
     x_lo, y_lo, x_up, y_up, m = data
     w0 = closed_form_w(m, x_lo, y_lo) if w0 is None else w0
     toy = Toy(w0, m)
     defaults = dict(darts_alpha=0.01, neumann_iterations=3, neumann_alpha=1.0, cg_iterations=3)
-    config = lower_config(hypergradient, **{**defaults, **settings})
-    lower = LowerLevel([toy.w], lambda b: lower_objective(toy.w, toy.m, b["x"], b["y"]), None, config, "cpu")
+    lower = LowerLevel([toy.w], lambda b: lower_objective(toy.w, toy.m, b["x"], b["y"]), None, "cpu")
     upper = UpperLevel(
         toy,
         [toy.m],
         lambda b: upper_objective(toy.w, toy.m, b["x"], b["y"]),
         lower,
-        hypergradient,
+        build_hypergradient(hypergradient, **{**defaults, **settings}),
         torch.optim.SGD([toy.m], lr=0.0),
         torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([toy.m], lr=0.0), lambda _: 1.0),
-        "cpu",
     )
     return toy, lower, upper
+
+
+def hypergradient_at(upper, lower_batch, upper_batch):
+    return upper.hypergradient_of(upper_batch, 0, lower_batch, 0)
 
 
 def trainer_hypergradient(data, hypergradient, w0=None, **settings) -> torch.Tensor:
     x_lo, y_lo, x_up, y_up, _ = data
     toy, lower, upper = trainer_levels(data, hypergradient, w0=w0, **settings)
-    lower.cur_batch = {"x": x_lo, "y": y_lo}
-    _, grads = upper.hypergradient_of({"x": x_up, "y": y_up})
+    _, grads = hypergradient_at(upper, {"x": x_lo, "y": y_lo}, {"x": x_up, "y": y_up})
     return grads[0]
 
 
@@ -176,8 +177,7 @@ def _ddp_worker(rank, world, port, data, results):
             lo, up = slice(rank * N_LO // world, (rank + 1) * N_LO // world), slice(
                 rank * N_UP // world, (rank + 1) * N_UP // world
             )
-            lower.cur_batch = {"x": x_lo[lo], "y": y_lo[lo]}
-            loss, grads = upper.hypergradient_of({"x": x_up[up], "y": y_up[up]})
+            loss, grads = hypergradient_at(upper, {"x": x_lo[lo], "y": y_lo[lo]}, {"x": x_up[up], "y": y_up[up]})
             out[kind] = (loss, grads[0].tolist())  # plain floats: tensors in a queue die with the process
         if rank == 0:
             results.put(out)
@@ -187,7 +187,7 @@ def _ddp_worker(rank, world, port, data, results):
 
 
 CASES_DDP = [("darts", {"darts_alpha": 1e-4}), ("neumann", {"neumann_iterations": 5, "neumann_alpha": 0.2}),
-             ("cg", {"cg_iterations": 3}), ("first_order", {})]
+             ("cg", {"cg_iterations": 3}), ("first_order", {}), ("damped_solve", {"darts_alpha": 1e-4})]
 
 
 def test_two_processes_compute_the_global_batch_hypergradient(data):
@@ -213,8 +213,7 @@ def test_two_processes_compute_the_global_batch_hypergradient(data):
     w = closed_form_w(m, x_lo, y_lo) + 0.2
     for kind, settings in CASES_DDP:
         toy, lower, upper = trainer_levels(data, kind, w0=w, **settings)
-        lower.cur_batch = {"x": x_lo, "y": y_lo}
-        loss, grads = upper.hypergradient_of({"x": x_up, "y": y_up})
+        loss, grads = hypergradient_at(upper, {"x": x_lo, "y": y_lo}, {"x": x_up, "y": y_up})
         assert abs(got[kind][0] - loss) < 1e-12
         torch.testing.assert_close(torch.tensor(got[kind][1], dtype=torch.float64), grads[0], rtol=1e-10,
                                    atol=1e-12, msg=kind)

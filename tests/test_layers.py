@@ -248,18 +248,33 @@ def test_orthogonality_distance_equals_dense_formula(kind, update):
     torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_orthogonality_reusing_the_forward_equals_recomputing(kind):
-    """The penalty right after a training forward may reuse its n and W0·Aᵀ: same value, same gradients."""
-    _, layer, _ = build("bidora", kind, 0.0)
-    layer.train()
-    x = make_input(kind)
-    layer(x)
-    reused = layer.orthogonality_distance(reuse_forward=True)
-    grads_reused = torch.autograd.grad(reused, (layer.lora_A, layer.lora_B))
-    fresh = layer.orthogonality_distance()
-    grads_fresh = torch.autograd.grad(fresh, (layer.lora_A, layer.lora_B))
-    torch.testing.assert_close(reused, fresh, rtol=1e-14, atol=0)
-    for g, h in zip(grads_reused, grads_fresh):
-        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-14)
-    assert "_forward_terms" not in layer.__dict__  # consumed once: a later call never sees stale terms
+def dense_orthogonality_distance(w0, a, b, scaling):
+    """``‖V̂V̂ᵀ − I‖_F`` from the definition: the dense float64 direction, row-normalised."""
+    dense = w0 + scaling * b @ a
+    unit = dense / torch.linalg.vector_norm(dense, dim=1, keepdim=True)
+    return torch.sqrt(((unit @ unit.T - torch.eye(unit.shape[0], dtype=torch.float64)) ** 2).sum())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+@pytest.mark.parametrize("training", [True, False])
+def test_orthogonality_from_captured_norm_terms_equals_dense_formula(kind, training):
+    """The penalty from the n and W0·Aᵀ a forward recorded: the dense value and gradients, without recomputing."""
+    _, layer, w0 = build("dora", kind, 0.0)
+    layer.train(training)  # eval: recorded because gradients are enabled
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    expected = dense_orthogonality_distance(w0, a, b, layer.scaling)
+    with loralib.model.capture_norm_terms(layer) as terms:
+        layer(make_input(kind))
+    assert set(terms) == {layer} and terms[layer][0].requires_grad
+    assert "_norm_terms_sink" not in layer.__dict__
+    recomputed = []
+    layer._norm_terms = lambda: recomputed.append(1)  # the captured terms must be used as they are
+    distance = layer.orthogonality_distance(terms[layer])
+    del layer._norm_terms
+    assert not recomputed
+    torch.testing.assert_close(distance, expected.detach(), rtol=1e-9, atol=1e-12)
+    expected.backward()
+    distance.backward()
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-7, atol=1e-10)

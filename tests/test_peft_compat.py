@@ -293,7 +293,7 @@ def test_from_peft_maps_every_supported_option():
 
 
 def test_every_lora_config_field_is_decided():
-    decided = peft_compat._MAPPED | set(peft_compat.IGNORED_OPTIONS) | set(peft_compat.REFUSED_OPTIONS)
+    decided = loralib.config._MAPPED | set(peft_compat.IGNORED_OPTIONS) | set(peft_compat.REFUSED_OPTIONS)
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert fields <= decided, sorted(fields - decided)
 
@@ -475,8 +475,8 @@ def test_patterns_follow_peft_rule():
         assert (layers[name].r, layers[name].lora_alpha, layers[name].scaling) == (r, alpha, alpha / r)
         peft_rank = peft.utils.other.get_pattern_key(cfg.rank_pattern.keys(), name)
         assert cfg.rank_pattern.get(peft_rank, cfg.r) == r  # PEFT's own lookup agrees
-    assert loralib.model.pattern_key("encoder.subquery", {"query": 1}) is None
-    assert loralib.model.pattern_key("self.query", {"query": 1}) == "query"
+    assert loralib.config.pattern_key("encoder.subquery", {"query": 1}) is None
+    assert loralib.config.pattern_key("self.query", {"query": 1}) == "query"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,8 @@ from utils import report  # noqa: E402
 
 FAST = ["--max_steps", "6", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
         "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
-        "--max_length", "32", "--seed", "0", "--no_token_cache", "--disable_tqdm", "true", "--snapshots", "2"]
+        "--max_length", "32", "--seed", "0", "--no_token_cache", "--disable_tqdm", "true", "--snapshots", "2",
+        "--lora_r", "4", "--lora_alpha", "8"]  # --lora_r: the spelling of --r that torchrun's parser lets through
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_every_method_runs_end_to_end(assets, tmp_path, capsys, method):
     # the reported numbers are those of the saved adapter: reload it and re-evaluate the test split
     fresh = run_glue.load_classifier(str(model), 2)
     loralib.load_adapters(fresh, out / "adapter")
-    _, data_args, _, _ = run_glue.parse_args(args_for(model, files, "sst2", method, tmp_path / "unused"))
+    _, data_args, _, _, _ = run_glue.parse_args(args_for(model, files, "sst2", method, tmp_path / "unused"))
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = run_glue.load_datasets(data_args, tokenizer)
     accuracy = evaluate(fresh, data["test"], run_glue.GlueCollator.from_tokenizer(tokenizer))
@@ -299,26 +301,30 @@ def test_a_damaged_checkpoint_is_named(assets, tmp_path, monkeypatch, capsys):
 
 def test_config_file_is_defaults_the_command_line_overrides(tmp_path):
     path = ROOT / "examples" / "NLU" / "configs" / "roberta_large_rte.yaml"
-    model_args, data_args, adapter_args, args = run_glue.parse_args(
+    model_args, data_args, adapter_config, run_args, args = run_glue.parse_args(
         ["--config", str(path), "--seed", "3", "--learning_rate", "2e-5", "--pad_to_max_length", "false",
          "--target_modules", "query", "key", "value", "--output_dir", str(tmp_path)])
     assert args.seed == 3 and args.learning_rate == 2e-5 and data_args.pad_to_max_length is False
-    assert adapter_args.target_modules == ["query", "key", "value"]
-    assert args.max_steps == 15000 and adapter_args.retrain_weight_decay == pytest.approx(0.3)  # from the YAML
+    assert adapter_config.target_modules == ["query", "key", "value"]
+    assert (adapter_config.r, adapter_config.lora_alpha) == (4, 8.0)  # from the YAML
+    assert args.max_steps == 15000 and run_args.retrain_weight_decay == pytest.approx(0.3)  # from the YAML
     assert args.adam_beta2 == 0.98 and args.max_grad_norm == 0.0 and args.upper_learning_rate == 1e-5
-    _, _, _, args = run_glue.parse_args(["--config", str(path), "--output_dir", str(tmp_path), "--hypergradient",
+    *_, args = run_glue.parse_args(["--config", str(path), "--output_dir", str(tmp_path), "--hypergradient",
                                          "neumann", "--neumann_alpha", "0.05", "--neumann_iterations", "7"])
     assert (args.hypergradient, args.neumann_alpha, args.neumann_iterations) == ("neumann", 0.05, 7)
     config = tmp_path / "c.yaml"
     config.write_text("model_name_or_path: m\ntask_name: rte\nlearning_rate: 1e-5\nmax_steps: 1e3\n"
                       "target_modules: '.*q'\nlr_scheduler_kwargs: {}\n")
-    _, _, adapter_args, args = run_glue.parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
+    _, _, adapter_config, _, args = run_glue.parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
     assert args.learning_rate == 1e-5 and args.max_steps == 1000 and type(args.max_steps) is int  # YAML 1.1 strings
-    assert adapter_args.target_modules == ".*q"  # one string in YAML: a regular expression
+    assert adapter_config.target_modules == ".*q"  # one string in YAML: a regular expression
     # this script's defaults for the Trainer: train, evaluate every 100 steps, keep two checkpoints
-    _, _, _, args = run_glue.parse_args(["--model_name_or_path", "m", "--task_name", "rte", "--output_dir", "o"])
+    _, _, adapter_config, _, args = run_glue.parse_args(["--model_name_or_path", "m", "--task_name", "rte",
+                                                         "--output_dir", "o"])
     assert (args.do_train, args.do_eval, args.eval_strategy, args.eval_steps, args.save_total_limit) == (
         True, True, "steps", 100, 2)
+    # the adapter options: the library's defaults, but for the task head this script creates, which trains
+    assert adapter_config == loralib.AdapterConfig(modules_to_save=["classifier"])
 
 
 def test_help_documents_every_option(capsys):
@@ -326,8 +332,11 @@ def test_help_documents_every_option(capsys):
         run_glue.parse_args(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for dataclass in (run_glue.ModelArguments, run_glue.DataTrainingArguments, run_glue.AdapterArguments):
+    for dataclass in (run_glue.ModelArguments, run_glue.DataTrainingArguments, loralib.AdapterConfig,
+                      run_glue.RunArguments):
         for name, f in dataclass.__dataclass_fields__.items():
+            if not f.init:
+                continue  # RunArguments.method: filled from --method
             assert f"--{name}" in out
             assert len(f.metadata.get("help", "")) > 15, name
     bilevel = ("upper_fraction", "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient",
@@ -361,3 +370,82 @@ def test_torchrun_two_processes(assets, tmp_path):
     results = results_of(out)
     assert results["method"] == "bidora" and results["world_size"] == 2 and "validation" in results["eval"]
     assert "upper_loss" in (out / "log.csv").read_text()
+
+
+# ---- the command line: AdapterConfig parsed directly, torchrun-safe, strict YAML ---------------------------------
+BASE = ["--model_name_or_path", "m", "--task_name", "rte", "--output_dir", "o"]
+
+
+def test_every_adapter_option_reaches_the_command_line():
+    _, _, adapter_config, run_args, _ = run_glue.parse_args(
+        [*BASE, "--method", "dora", "--lora_r", "6", "--lora_alpha", "12", "--lora_dropout", "0.1",
+         "--target_modules_regex", r".*layer\.0\..*(query|value)", "--modules_to_save", "classifier", "pooler",
+         "--use_rslora", "--init_lora_weights", "gaussian", "--rank_pattern", '{"value": 2}',
+         "--alpha_pattern", '{"query": 3.5}', "--detach_norm", "true", "--no_autocast_adapter_dtype"])
+    expected = loralib.AdapterConfig(  # built by hand: the reference
+        method="dora", r=6, lora_alpha=12.0, lora_dropout=0.1, target_modules=r".*layer\.0\..*(query|value)",
+        modules_to_save=["classifier", "pooler"], use_rslora=True, init_lora_weights="gaussian",
+        rank_pattern={"value": 2}, alpha_pattern={"query": 3.5}, detach_norm=True, autocast_adapter_dtype=False)
+    assert adapter_config == expected and run_args.method == "dora"
+    options = {f.name for f in dataclasses.fields(loralib.AdapterConfig)}
+    assert {a.dest for a in run_glue.make_parser()._actions} >= options  # nothing left out
+    _, _, adapter_config, _, _ = run_glue.parse_args([*BASE, "--r", "3", "--target_modules", "all-linear"])
+    assert (adapter_config.r, adapter_config.target_modules) == (3, "all-linear")  # PEFT's --r still works
+    _, _, adapter_config, _, _ = run_glue.parse_args([*BASE, "--target_modules", "query"])
+    assert adapter_config.target_modules == ["query"]  # a suffix list, never a regex
+
+
+def test_ft_is_a_method_of_the_runner_only(capsys):
+    _, _, adapter_config, run_args, _ = run_glue.parse_args([*BASE, "--method", "ft", "--upper_fraction", "0"])
+    assert run_args.method == "ft" and adapter_config.method in loralib.config.METHODS
+    with pytest.raises(SystemExit):
+        run_glue.parse_args([*BASE, "--method", "adalora"])
+    assert "invalid choice: 'adalora'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_glue.parse_args([*BASE, "--rank_pattern", "{query: 2}"])
+    assert "rank_pattern is not valid JSON" in capsys.readouterr().err
+
+
+def test_every_option_survives_torchrun():
+    """torchrun parses its own options (with abbreviations) before the script's arguments: each run_glue option must
+    reach run_glue unchanged, e.g. `torchrun ... run_glue.py --r 8` dies with "ambiguous option: --r"."""
+    import contextlib
+    import io
+
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    lost: dict[str, set[str]] = {}
+    actions = [a for a in run_glue.make_parser()._actions if a.option_strings]
+    for action in actions:
+        for option in action.option_strings:
+            for flags in ([option, "x"], [option], [f"{option}=x"]):
+                try:
+                    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                        parsed = torchrun.parse_args(["run_glue.py", *flags])
+                    if parsed.training_script_args == flags:
+                        continue
+                except SystemExit:
+                    pass
+                lost.setdefault(action.dest, set()).add(option)
+    assert lost == {"r": {"--r"}}  # PEFT's name; the documented torchrun spelling is --lora_r
+    r_action = next(a for a in actions if a.dest == "r")
+    assert "--lora_r" in r_action.option_strings and "--lora_r" in r_action.help
+
+
+def test_a_key_given_twice_in_the_config_is_an_error(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("task_name: rte\nr: 4\nlora_alpha: 8\nr: 16\n")
+    with pytest.raises(SystemExit) as exc:
+        run_glue.parse_args(["--config", str(config), "--model_name_or_path", "m", "--output_dir", "o"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--config {config}: the key 'r' is given twice (lines 2 and 4)" in err
+    config.write_text("task_name: rte\nrank_pattern: {query: 2, query: 3}\n")  # nested mappings too
+    with pytest.raises(SystemExit):
+        run_glue.parse_args(["--config", str(config), "--model_name_or_path", "m", "--output_dir", "o"])
+    assert "the key 'query' is given twice" in capsys.readouterr().err
+    config.write_text("task_name: rte\nrank_pattern: {query: 2}\nr: 4\n")  # a YAML dict feeds the JSON option
+    _, _, adapter_config, _, _ = run_glue.parse_args(["--config", str(config), "--model_name_or_path", "m",
+                                                      "--output_dir", "o", "--lora_r", "5"])
+    assert (adapter_config.rank_pattern, adapter_config.r) == ({"query": 2}, 5)  # the command line overrides

@@ -1,4 +1,5 @@
-"""Analysis and reporting tools for loralib runs (no dependency on loralib: they read the files the trainer writes).
+"""Analysis and reporting tools for loralib runs (they read the files the trainer writes; from loralib they use only
+`loralib.files`, the atomic writer, which loads neither torch nor transformers).
 
 - `utils.weight_decomposition`: magnitude / direction changes (ΔM, ΔD) of adapted weights across saved checkpoints.
 - `utils.report`: the one report over results.json files: per-method tables (one task), tables next to the BiDoRA

@@ -49,7 +49,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script (python utils/report.py): make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.files import atomic_write, atomic_write_text, mean_and_sample_std  # noqa: E402
+from loralib.files import atomic_write, atomic_write_text  # noqa: E402
+from utils.files import mean_and_sample_std  # noqa: E402
 from utils.paper_results import (  # noqa: E402
     PaperData,
     load_paper_data,

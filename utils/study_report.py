@@ -4,8 +4,8 @@
 
 RESULTS (default results/study) holds ``<device>/<dataset>-n<N>/<arm>/seed<k>/{cell.json,results.json,log.csv}``
 as examples/study/run_study.py writes them. Writes ``DIR/study.md`` (every table), ``DIR/study.json``,
-``DIR/learning_curve.png`` and ``DIR/sensitivity.png`` (default DIR: runs/study/report; the README's copies under
-assets/study are refreshed by ``make study-report``).
+``DIR/learning_curve.png`` and ``DIR/sensitivity.png`` (default DIR: runs/study/report; the copies under
+assets/study, which docs/study.md shows, are refreshed by ``make study-report``).
 
 What is compared (test accuracy, in percent points; nothing is selected on test):
 
@@ -41,7 +41,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.files import atomic_write_text  # noqa: E402
+from loralib.files import atomic_write_text  # noqa: E402
 from utils.report import (  # noqa: E402
     Series,
     _phase_ends_from_log,

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 if __package__ in (None, ""):  # run as a script (python utils/weight_decomposition.py): make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.files import atomic_write, atomic_write_text  # noqa: E402
+from loralib.files import atomic_write, atomic_write_text  # noqa: E402
 from utils.paper_results import load_paper_data  # noqa: E402
 
 # The paper analyses query matrices. `re.search` semantics: "query" alone also works on the command line.

@@ -53,7 +53,7 @@ from glue_tasks import GlueTask, get_task
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from loralib.io import atomic_write
+from loralib.files import atomic_write
 
 HUB_DATASET = "nyu-mll/glue"
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")

@@ -5,14 +5,17 @@
         --learning_rate 4e-4 --max_steps 2000 --per_device_train_batch_size 32 --output_dir runs/y
     python examples/NLU/run_glue.py --help       # every option; a --config YAML file sets any of them (flat keys)
 
-Laid out like transformers' own run_glue.py: ``HfArgumentParser`` over ``ModelArguments``, ``DataTrainingArguments``,
-``AdapterArguments`` and ``loralib.BiDoRATrainingArguments`` (every Trainer option and the bi-level ones); the
-values of ``--config file.yaml`` are defaults that the command line overrides. One ``loralib.BiDoRATrainer`` runs
-every method (ft, lora and dora exactly as a plain Trainer), so all of them go through one pipeline. It holds out
-``upper_fraction`` of train: BiDoRA's magnitudes train on it and every method is selected on it (``heldout``);
-``--select_on_dev`` selects on the first dev split over time instead (the original code's optimistic protocol,
-labelled ``dev_best_over_time``); BiDoRA with ``--retrain_max_steps N`` then retrains fresh directions on all of
-train with the magnitudes frozen and reports that final model (``final``), the search phase staying in the history.
+Laid out like transformers' own run_glue.py: ``HfArgumentParser`` over ``ModelArguments``,
+``DataTrainingArguments``, ``loralib.AdapterConfig`` itself (every adapter option, with the library's defaults;
+``--method`` adds ``ft``), ``RunArguments`` (this runner's own) and ``loralib.BiDoRATrainingArguments`` (every
+Trainer option and the bi-level ones); the values of ``--config file.yaml`` are defaults that the command line
+overrides. Every option survives torchrun's own parser (``--lora_r`` is ``--r`` for torchrun command lines: torchrun
+takes ``--r`` for one of its own options). One ``loralib.BiDoRATrainer`` runs every method (ft, lora and dora
+exactly as a plain Trainer), so all of them go through one pipeline. It holds out ``upper_fraction`` of train:
+BiDoRA's magnitudes train on it and every method is selected on it (``heldout``); ``--select_on_dev`` selects on the
+first dev split over time instead (the original code's optimistic protocol, labelled ``dev_best_over_time``); BiDoRA
+with ``--retrain_max_steps N`` then retrains fresh directions on all of train with the magnitudes frozen and reports
+that final model (``final``), the search phase staying in the history.
 
 Writes ``output_dir/results.json`` (docs/CONTRACTS.md), ``adapter/``, ``log.csv``, ``snapshots/``, checkpoints
 while running. The same command resumes an unfinished run. Exit status: 0 done, 1 bad input (one ``error:`` line),
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -61,12 +65,14 @@ from transformers.training_args import IntervalStrategy  # noqa: E402
 
 import loralib  # noqa: E402
 from loralib import BiDoRATrainer, BiDoRATrainingArguments  # noqa: E402
-from loralib.io import atomic_write_text  # noqa: E402
+from loralib.config import METHODS as ADAPTER_METHODS  # noqa: E402
+from loralib.files import atomic_write_text  # noqa: E402
 
-METHODS = ("ft", "lora", "dora", "bidora")
-# This script's defaults for Trainer options (the configs spell out the original runs' values).
+METHODS = ("ft", *ADAPTER_METHODS)
+# This script's defaults for Trainer options (the configs spell out the original runs' values), and for
+# modules_to_save: the task head this script creates (a module named classifier) always trains.
 SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="steps", eval_steps=100, save_steps=500,
-                       save_total_limit=2, logging_steps=50)
+                       save_total_limit=2, logging_steps=50, modules_to_save=["classifier"])
 # Settings a resumed run must share with the run it continues (the rest, e.g. eval batch size, may change).
 TRAJECTORY = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
               "max_grad_norm", "max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "optim",
@@ -111,16 +117,9 @@ class DataTrainingArguments:
 
 
 @dataclass
-class AdapterArguments:
-    method: str = field(default="bidora", metadata={"help": "ft (full fine-tuning), lora, dora or bidora.",
-                                                    "choices": list(METHODS)})
-    r: int = field(default=4, metadata={"help": "Adapter rank r (inner dimension of B A)."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input only."})
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"], metadata={
-        "help": "Module name suffixes to adapt, 'all-linear', or (one string in YAML) a regex on full names."})
-    modules_to_save: list[str] = field(default_factory=lambda: ["classifier"], metadata={
-        "help": "Modules trained in full, not adapted (the task head)."})
+class RunArguments:
+    """This runner's own options (the adapter's are ``loralib.AdapterConfig``'s, the training ones the Trainer's)."""
+
     retrain_max_steps: int = field(default=0, metadata={"help": "BiDoRA's retraining phase: steps on all of train "
                                    "with the searched magnitudes frozen (0: none)."})
     retrain_learning_rate: float | None = field(default=None, metadata={"help": "Retraining lr (default: "
@@ -141,67 +140,73 @@ class AdapterArguments:
                                    "(they are for resuming; the reported adapter is in adapter/)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished or unfinished run in "
                                        "output_dir instead of refusing it / resuming it."})
+    # --method is AdapterConfig's option, with ft added by make_parser; parse_args copies its value here.
+    method: str = field(default="bidora", init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.target_modules == ["all-linear"]:
-            self.target_modules = "all-linear"
-        if not self.target_modules:
-            raise ValueError("--target_modules must not be empty")
-        for name, ok in [("r", self.r >= 1), ("lora_alpha", self.lora_alpha > 0), ("snapshots", self.snapshots >= 0),
-                         ("lora_dropout", 0 <= self.lora_dropout < 1),
-                         ("retrain_max_steps", self.retrain_max_steps >= 0)]:
+        for name, ok in [("snapshots", self.snapshots >= 0), ("retrain_max_steps", self.retrain_max_steps >= 0)]:
             if not ok:
                 raise ValueError(f"--{name}: out of range, got {getattr(self, name)!r}")
-        if self.retrain_max_steps and self.method != "bidora":
-            raise ValueError("--retrain_max_steps is BiDoRA's retraining phase; use 0 for ft, lora and dora")
 
 
 def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, AdapterArguments, BiDoRATrainingArguments),
-                              allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, loralib.AdapterConfig, RunArguments,
+                               BiDoRATrainingArguments), allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML file of options (keys = the option names); the command line "
                         "overrides it.")
     parser.set_defaults(**SCRIPT_DEFAULTS)
     for action in parser._actions:
         if action.dest == "output_dir":
             action.required = True
+        if action.dest == "method":  # AdapterConfig's methods, and full fine-tuning (no adapter)
+            action.choices = list(METHODS)
+            action.help = f"ft (full fine-tuning: no adapter, every weight trains), {action.help}"
     return parser
 
 
 def parse_args(argv: list[str] | None = None):
-    """``(model_args, data_args, adapter_args, training_args)``; exits with status 2 and a message on bad input."""
+    """``(model_args, data_args, adapter_config, run_args, training_args)``; exits with status 2 and a message on
+    bad input. For ``--method ft`` no adapter is applied and ``run_args.method`` says so; the adapter options are
+    still checked (``adapter_config.method`` is then ``lora``) and ``target_modules`` names the weights that the
+    snapshots record."""
     parser = make_parser()
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     config = pre.parse_known_args(argv)[0].config
     if config:
         apply_config(parser, config)
-    try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as err:
-        parser.error(str(err))
+    namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         hints = [f"{a} is now --{RENAMED[a[2:]]}" for a in remaining if a.startswith("--") and a[2:] in RENAMED]
         parser.error(f"unrecognized arguments: {' '.join(remaining)}" + (f" ({'; '.join(hints)})" if hints else ""))
-    model_args, data_args, adapter_args, args = parsed[:4]
+    method = namespace.method
+    if method == "ft":  # no adapter is applied; the other adapter options are still checked
+        namespace.method = "lora"
+    try:  # one dataclass per group, as HfArgumentParser.parse_args_into_dataclasses builds them
+        groups = [dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
+                  for dtype in parser.dataclass_types]
+    except ValueError as err:
+        parser.error(str(err))
+    model_args, data_args, adapter_config, run_args, args = groups
+    run_args.method = method
     problem = (
+        "--retrain_max_steps is BiDoRA's retraining phase; use 0 for ft, lora and dora"
+        if run_args.retrain_max_steps and method != "bidora" else
         "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
-        if adapter_args.method == "bidora" and args.upper_fraction == 0 else
+        if method == "bidora" and args.upper_fraction == 0 else
         "--do_train false: this script trains one run (evaluate a saved adapter with loralib.load_adapters)"
         if not args.do_train else
         "--load_best_model_at_end: run_glue selects the reported model itself (held-out, or --select_on_dev)"
         if args.load_best_model_at_end else
         "--resume_from_checkpoint: run the same command again; it resumes from output_dir by itself"
         if args.resume_from_checkpoint else
-        "--select_on_dev needs --do_eval" if adapter_args.select_on_dev and not args.do_eval else
+        "--select_on_dev needs --do_eval" if run_args.select_on_dev and not args.do_eval else
         "--gradient_accumulation_steps > 1 is not supported for bidora (one upper step per lower batch)"
-        if adapter_args.method == "bidora" and args.gradient_accumulation_steps > 1 else None
+        if method == "bidora" and args.gradient_accumulation_steps > 1 else None
     )
     if problem:
         parser.error(problem)
-    return model_args, data_args, adapter_args, args
+    return model_args, data_args, adapter_config, run_args, args
 
 
 # ---- data and model ---------------------------------------------------------------------------------------------
@@ -219,18 +224,15 @@ def load_datasets(data_args: DataTrainingArguments, tokenizer) -> dict:
             for name, split in raw.items()}
 
 
-def build_model(model_args: ModelArguments, adapter_args: AdapterArguments, task: GlueTask):
+def build_model(model_args: ModelArguments, adapter_config: loralib.AdapterConfig | None, task: GlueTask):
+    """The pretrained encoder with a fresh task head, and the adapters of ``adapter_config`` (None: ft)."""
     try:
         model = load_classifier(model_args.model_name_or_path, task.num_labels, pooling=model_args.pooling)
     except Exception as err:  # missing or damaged weight files: transformers / safetensors errors of several kinds
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise RunError(f"cannot load the weights of {model_args.model_name_or_path!r}: {first}") from None
-    if adapter_args.method != "ft":
-        config = loralib.AdapterConfig(method=adapter_args.method, r=adapter_args.r, lora_alpha=adapter_args.lora_alpha,
-                                       lora_dropout=adapter_args.lora_dropout,
-                                       target_modules=adapter_args.target_modules,
-                                       modules_to_save=adapter_args.modules_to_save)
-        print(loralib.apply_adapters(model, config), file=sys.stderr)
+    if adapter_config is not None:
+        print(loralib.apply_adapters(model, adapter_config), file=sys.stderr)
     return model
 
 
@@ -260,12 +262,12 @@ class Plan:
     checkpoint: Path | None = None
 
 
-def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapter_args: AdapterArguments,
-            args: BiDoRATrainingArguments) -> Plan:
+def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapter_config: loralib.AdapterConfig,
+            run_args: RunArguments, args: BiDoRATrainingArguments) -> Plan:
     """Check the output folder, load tokenizer, data and model, decide the selection and where to resume from.
     Reads only: nothing is written before every input has been checked."""
     task, out = data_args.task, Path(args.output_dir)
-    status = inspect_output_dir(out, adapter_args.overwrite_output_dir)
+    status = inspect_output_dir(out, run_args.overwrite_output_dir)
     config, tokenizer = load_pretrained(model_args.model_name_or_path)
     limit = position_limit(config)
     if limit is not None and data_args.max_length > limit:
@@ -273,10 +275,10 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
                        f"{model_args.model_name_or_path} can read; use --max_length {limit} or less")
     data = load_datasets(data_args, tokenizer)
     evals = {n: d for n, d in data.items() if n != "train" and d.has_labels} if args.do_eval else {}
-    if adapter_args.select_on_dev and not evals:
+    if run_args.select_on_dev and not evals:
         raise RunError("--select_on_dev needs a labelled dev split (--validation_file)")
     set_seed(args.seed)  # the head's initialisation depends on the seed only
-    model = build_model(model_args, adapter_args, task)
+    model = build_model(model_args, None if run_args.method == "ft" else adapter_config, task)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     # What is reported: the model best on held-out train data, the best dev score over time, or the final model.
@@ -285,31 +287,32 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
     split = next((s for s in ("heldout", *evals) if metric.startswith(f"{s}_")), None)  # the user named one
     metric = metric.removeprefix(f"{split}_") if split else metric
     if split is None:
-        split = next(iter(evals)) if adapter_args.select_on_dev else "heldout"
-    if (adapter_args.retrain_max_steps or args.eval_strategy == IntervalStrategy.NO
+        split = next(iter(evals)) if run_args.select_on_dev else "heldout"
+    if (run_args.retrain_max_steps or args.eval_strategy == IntervalStrategy.NO
             or (split == "heldout" and args.upper_fraction == 0)):
         selection, args.metric_for_best_model = "final", None
     else:
         selection = "heldout" if split == "heldout" else "dev_best_over_time"
         args.metric_for_best_model, args.greater_is_better = f"{split}_{metric}", greater
     plan = Plan(status, tokenizer, data, evals, model, trainable, selection, metric, greater,
-                flat_config(model_args, data_args, adapter_args, args))
+                flat_config(model_args, data_args, adapter_config, run_args, args))
     if status == "resume":
         saved = json.loads((out / "run_config.json").read_text()) if (out / "run_config.json").is_file() else {}
-        keys = [k for g in (model_args, data_args, adapter_args) for k in g.__dataclass_fields__
+        keys = [k for g in (model_args, data_args, adapter_config, run_args) for k in g.__dataclass_fields__
                 if k not in ("overwrite_output_dir", "token_cache", "snapshots", "keep_checkpoints")]
-        changed = [k for k in (*keys, *TRAJECTORY) if saved and saved.get(k) != plan.run_config.get(k)]
+        # keys a run of an older run_glue did not record (e.g. use_rslora) had no other value then
+        changed = [k for k in (*keys, *TRAJECTORY) if k in saved and saved[k] != plan.run_config.get(k)]
         if changed:
             raise RunError(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); run the same "
                            "command, or pass --overwrite_output_dir to start afresh")
-        plan.search_done = adapter_args.retrain_max_steps > 0 and (out / "search_state.json").is_file()
+        plan.search_done = run_args.retrain_max_steps > 0 and (out / "search_state.json").is_file()
         required = ("trainer_state.json",) + (("selection.json",) if selection != "final" else ())
         plan.checkpoint = find_checkpoint(out / "retrain" if plan.search_done else out, required)
     return plan
 
 
-def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArguments, adapter_args: AdapterArguments,
-          args: BiDoRATrainingArguments) -> dict:
+def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArguments,
+          adapter_config: loralib.AdapterConfig, run_args: RunArguments, args: BiDoRATrainingArguments) -> dict:
     """Train (resuming where the plan says), select, write ``results.json``; returns the results."""
     task, out, main, model, data, evals = data_args.task, Path(args.output_dir), args.process_index == 0, \
         plan.model, plan.data, plan.evals
@@ -337,8 +340,8 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
             selector = SelectionCallback("eval_" + trainer.args.metric_for_best_model, plan.trainable, plan.greater)
             if resume_from is not None:
                 selector.load(resume_from)
-        snapshots = SnapshotCallback(model, out / "snapshots", adapter_args.snapshots, offset, later,
-                                     adapter_args.target_modules)
+        snapshots = SnapshotCallback(model, out / "snapshots", run_args.snapshots, offset, later,
+                                     adapter_config.target_modules)
         for callback in (log, snapshots, selector):
             if callback is not None:
                 trainer.add_callback(callback)  # after BiDoRATrainer's upper step: they see the stepped magnitudes
@@ -350,9 +353,9 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
             rows = history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
         return trainer, rows, selector, log
 
-    selector, retrain = None, adapter_args.retrain_max_steps > 0
+    selector, retrain = None, run_args.retrain_max_steps > 0
     if not plan.search_done:
-        trainer, history, selector, log = phase("search", args, 0, adapter_args.retrain_max_steps, plan.checkpoint)
+        trainer, history, selector, log = phase("search", args, 0, run_args.retrain_max_steps, plan.checkpoint)
         steps, sizes = trainer.state.global_step, {"lower": len(trainer.train_dataset)}
         if trainer.upper_dataset is not None:
             sizes["heldout"] = len(trainer.upper_dataset)
@@ -365,18 +368,18 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
         history, steps, sizes = state["history"], state["steps"], state["data_sizes"]
         loralib.load_adapters(model, out / "search_adapter")
     if retrain:
-        if adapter_args.retrain_reinit:
+        if run_args.retrain_reinit:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed + 7777)
                 loralib.reset_directions(model)
         retrain_args = copy.copy(args)
-        retrain_args.output_dir, retrain_args.max_steps = str(out / "retrain"), adapter_args.retrain_max_steps
-        if adapter_args.retrain_learning_rate is not None:
-            retrain_args.learning_rate = adapter_args.retrain_learning_rate
-        if adapter_args.retrain_weight_decay is not None:
-            retrain_args.weight_decay = adapter_args.retrain_weight_decay
-        if adapter_args.retrain_eval_strategy is not None:
-            retrain_args.eval_strategy = IntervalStrategy(adapter_args.retrain_eval_strategy)
+        retrain_args.output_dir, retrain_args.max_steps = str(out / "retrain"), run_args.retrain_max_steps
+        if run_args.retrain_learning_rate is not None:
+            retrain_args.learning_rate = run_args.retrain_learning_rate
+        if run_args.retrain_weight_decay is not None:
+            retrain_args.weight_decay = run_args.retrain_weight_decay
+        if run_args.retrain_eval_strategy is not None:
+            retrain_args.eval_strategy = IntervalStrategy(run_args.retrain_eval_strategy)
         resume_from = plan.checkpoint if plan.search_done else None
         trainer, rows, _, log = phase("retrain", retrain_args, steps, 0, resume_from, retrain=True)
         history, steps = history + rows, steps + trainer.state.global_step
@@ -392,8 +395,8 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
     if args.do_predict:
         write_predictions(trainer, data, task, out, main)
     results = {
-        "task": task.name, "model": model_args.model_name_or_path, "method": adapter_args.method,
-        "rank": None if adapter_args.method == "ft" else adapter_args.r, "seed": args.seed,
+        "task": task.name, "model": model_args.model_name_or_path, "method": run_args.method,
+        "rank": None if run_args.method == "ft" else adapter_config.r, "seed": args.seed,
         "selection": selection, "selected_step": selected_step, "select_metric": plan.select_metric,
         "paper_metric": task.paper_metric, "pooling": model_args.pooling,
         "eval": metrics_at(history, selected_step, task.metric_names),
@@ -408,26 +411,27 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
         if loralib.get_adapter_config(model) is not None:
             loralib.save_adapters(model, out / "adapter")
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-        if not adapter_args.keep_checkpoints:
+        if not run_args.keep_checkpoints:
             for path in [*out.glob("checkpoint-*"), out / "retrain", out / "search_adapter", out / "search_state.json"]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, adapter_args, args = parse_args(argv)
+    groups = parse_args(argv)
+    args = groups[-1]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_flush_denormal(True)  # subnormals from darts' tiny finite differences make CPU kernels ~10x slower
     if args.device.type == "cpu" and not args.use_cpu:
         print("note: no GPU found: running on the CPU (fine for tests and the demo, slow for the GLUE settings)",
               file=sys.stderr, flush=True)
     try:
-        plan = prepare(model_args, data_args, adapter_args, args)
+        plan = prepare(*groups)
     except (RunError, ValueError, OSError) as err:  # bad data files, no module matched, unreadable model, ...
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        results = train(plan, model_args, data_args, adapter_args, args)
+        results = train(plan, *groups)
     except FloatingPointError as err:  # a diverging run: the checkpoints written so far are kept
         print(f"error: {err}", file=sys.stderr)
         return 1

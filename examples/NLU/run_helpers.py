@@ -35,7 +35,7 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import loralib
-from loralib.io import atomic_write, atomic_write_text
+from loralib.files import atomic_write, atomic_write_text
 
 
 class RunError(Exception):
@@ -100,16 +100,49 @@ def _convert_scalar(kind, value, choices):
     return converted
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (``yaml.safe_load`` keeps the last value
+    without a word, so the first line would look set and not be)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            if first is not None:
+                raise DuplicateKeyError(f"the key {key!r} is given twice (lines {first} and {line}); YAML would keep "
+                                        "only the last value, so remove one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path):
+    """The content of the YAML file ``path``, read with :class:`UniqueKeyLoader` (duplicate keys are an error)."""
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+
+
 def apply_config(parser, path: str) -> None:
     """Make the keys of the YAML file ``path`` the parser's defaults (the command line still overrides them).
 
-    Calls ``parser.error`` (exit status 2) for a missing or unreadable file, an unknown key or a value of the wrong
-    type, naming the file and the key.
+    Calls ``parser.error`` (exit status 2) for a missing or unreadable file, a key given twice, an unknown key or a
+    value of the wrong type, naming the file and the key.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(path)
     except OSError as err:
         parser.error(f"--config {path}: {err.strerror or err}")
+    except DuplicateKeyError as err:
+        parser.error(f"--config {path}: {err}")
     except yaml.YAMLError as err:
         parser.error(f"--config {path}: invalid YAML: {err}")
     data = {} if data is None else data
@@ -131,7 +164,7 @@ def apply_config(parser, path: str) -> None:
 
 # ---- the output folder and its checkpoints ------------------------------------------------------------------------
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-_ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # loralib.io.atomic_write's temporary files, left by a kill
+_ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # loralib.files.atomic_write's temporary files, left by a kill
 RUN_FILES = {"results.json", "log.csv", "run_config.json", "adapter", "snapshots", "retrain", "search_adapter",
              "search_state.json", "runs"}  # runs/: TensorBoard's logs (--report_to tensorboard)
 

@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from loralib.io import atomic_write, atomic_write_text
+from loralib.files import atomic_write, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import AntibertyPaths, antiberty_paths, assert_tokenizer_covers_residues  # noqa: E402

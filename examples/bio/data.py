@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from loralib.io import atomic_write_text
+from loralib.files import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
 import offline_packages  # noqa: E402

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loralib.io import atomic_write_text
+from loralib.files import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
 import offline_packages  # noqa: E402

@@ -29,7 +29,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 
 import loralib  # noqa: E402
-from loralib.io import atomic_write_text  # noqa: E402
+from loralib.files import atomic_write_text  # noqa: E402
 
 
 def relative_magnitude_shift(model: nn.Module) -> float:

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import offline_packages  # noqa: E402
 from plan import DEFAULTS, Cell, Study, build_study  # noqa: E402
 
-from loralib.io import atomic_write_text  # noqa: E402
+from loralib.files import atomic_write_text  # noqa: E402
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
