@@ -52,6 +52,7 @@ _EXPORTS = {
     "export_peft": "peft_compat",
     "load_peft_adapter": "peft_compat",
     "from_pretrained": "hf",
+    "load_checkpoint": "checkpoints",
     "disable_adapters": "runtime",
     "print_trainable_parameters": "runtime",
     "refresh": "runtime",
@@ -87,6 +88,7 @@ __all__ = [
     "from_pretrained",
     "get_adapter_config",
     "load_adapters",
+    "load_checkpoint",
     "load_peft_adapter",
     "magnitude_parameters",
     "magnitudes_trainable",
@@ -125,6 +127,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .bidora_trainer import BiDoRATrainer
+    from .checkpoints import load_checkpoint
     from .config import AdapterConfig, adapter_config_from_peft
     from .hf import from_pretrained
     from .hypergradients import build_hypergradient

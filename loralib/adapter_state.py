@@ -124,11 +124,19 @@ def check_same_adapters(
             raise ValueError(f"adapters in {source} have {key}={there!r}, the model's adapters have {key}={here!r}")
 
 
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+def copy_adapter_tensors(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    base: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Copy ``tensors`` (loralib names: ``<module>.lora_A`` ...) into the model's adapters and saved modules.
 
-    The key sets and shapes must match exactly (ValueError otherwise). Merged layers are unmerged first (with the
-    adapter they were merged with), loaded, and merged again, so the model computes the loaded adapter.
+    The key sets and shapes must match exactly (ValueError otherwise). ``base`` holds frozen parameters of the
+    model by name (a PEFT folder's ``.base_layer.`` weights, e.g. a resized embedding, or a task head PEFT needs),
+    copied in as well; every one must exist with that shape. Merged layers are unmerged first (with the adapter they
+    were merged with), loaded, and merged again, so the model computes the loaded adapter. A loaded DoRA magnitude
+    is the file's value from then on: it is not re-initialised when W0 changes later.
     """
     config = get_adapter_config(model)
     if config is None:
@@ -144,13 +152,27 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             raise ValueError(
                 f"{key} in {source}: saved shape {tuple(value.shape)} != model shape {tuple(live[key].shape)}"
             )
-    merged = [layer for _, layer in adapter_layers(model) if layer.merged]
+    base = dict(base or {})
+    frozen = dict(model.named_parameters(remove_duplicate=False))
+    for key, value in base.items():
+        if key not in frozen or key in live:
+            raise ValueError(f"{key} in {source} is no frozen parameter of this {type(model).__name__}")
+        if value.shape != frozen[key].shape:
+            raise ValueError(
+                f"{key} in {source}: saved shape {tuple(value.shape)} != model shape {tuple(frozen[key].shape)}"
+            )
+    layers = adapter_layers(model)
+    merged = [layer for _, layer in layers if layer.merged]
     for layer in merged:
         layer.unmerge()
     with torch.no_grad():
+        for key, value in base.items():
+            frozen[key].copy_(value)
         for key, value in tensors.items():
             live[key].copy_(value)
-    for _, layer in adapter_layers(model):
-        layer._norm_cache = None
+    for _, layer in layers:
+        if layer.decomposed:
+            layer._magnitude_init = None  # the file's magnitude: never re-initialised
+        layer.refresh()
     for layer in merged:
         layer.merge()

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
-import re
-import sys
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +36,18 @@ from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainerCallback, get_scheduler
 
 from .bilevel import LowerLevel, UpperLevel
+from .checkpoints import (
+    base_fingerprint,
+    check_optimizer_groups,
+    frozen_keys,
+    last_complete_checkpoint,
+    run_record,
+    validate_checkpoint,
+    write_run_record,
+)
 from .data import BatchStream, mix_seed, split_indices
 from .gradients import world
 from .hypergradients import build_hypergradient
-from .io import _live_tensors
 from .model import (
     capture_norm_terms,
     direction_parameters,
@@ -60,28 +65,6 @@ BILEVEL_STATE_VERSION = 2
 #: loss evaluations put them back as they were.
 _RECORDED_STATE = ("_metrics", "_total_train_tokens")
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` folder of ``output_dir`` that was written to the end, or None.
-
-    The Trainer writes ``trainer_state.json`` last, so a folder whose ``trainer_state.json`` is missing or does not
-    parse (a run killed while saving) is incomplete: it is skipped, with a message on stderr.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = sorted(
-        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
-    )
-    for _, path in reversed(found):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
-            print(f"skipping {path}: incompletely written (no readable trainer_state.json)", file=sys.stderr)
-    return None
 
 
 class BiDoRATrainer(Trainer):
@@ -91,9 +74,10 @@ class BiDoRATrainer(Trainer):
         model: a model adapted with :func:`loralib.apply_adapters` (any method) or a plain one (full fine-tuning);
             or None with ``model_init`` (every model it returns must have the same method).
         args: :class:`loralib.BiDoRATrainingArguments` (``None``: defaults with ``output_dir="trainer_output"``).
-        train_dataset: the training set. Unless ``upper_dataset`` is given, a seeded ``upper_fraction`` of it
-            (seed ``data_seed`` or ``seed``) is held out: BiDoRA trains its magnitudes on it, every method is evaluated
-            on it as the ``heldout`` split, and the lower level trains on the rest.
+        train_dataset: the training set. For BiDoRA, unless ``upper_dataset`` is given, a seeded ``upper_fraction``
+            of it (seed ``data_seed`` or ``seed``) is held out: the magnitudes train on it, it is evaluated as the
+            ``heldout`` split, and the lower level trains on the rest. LoRA, DoRA and full fine-tuning train on all
+            of it unless ``heldout_fraction`` (or ``upper_dataset``) asks for a held-out selection split.
         eval_dataset: evaluation set(s); evaluated next to ``heldout`` (metrics ``eval_<split>_<metric>``).
         upper_dataset: an explicit upper split (then ``train_dataset`` is all lower data).
         retrain: BiDoRA's retraining phase: train the directions (and head) of a BiDoRA model on all of
@@ -102,9 +86,9 @@ class BiDoRATrainer(Trainer):
             (:func:`loralib.reset_directions`).
         **kwargs: every other ``Trainer`` argument (``data_collator``, ``compute_metrics``, ``callbacks``, ...).
 
-    Model selection (``load_best_model_at_end``) uses the held-out split: a bare ``metric_for_best_model`` such as
-    ``"accuracy"`` means ``"heldout_accuracy"``; naming another split (``"validation_accuracy"``) is the user asking
-    to select on it.
+    Model selection (``load_best_model_at_end``) uses the held-out split when there is one: a bare
+    ``metric_for_best_model`` such as ``"accuracy"`` means ``"heldout_accuracy"``; naming another split
+    (``"validation_accuracy"``) is the user asking to select on it. A test split (``"test_accuracy"``) is refused.
 
     Raises:
         TypeError: ``args`` is not a ``BiDoRATrainingArguments``.
@@ -145,8 +129,10 @@ class BiDoRATrainer(Trainer):
         }
         if upper_dataset is not None:
             evals = {"heldout": upper_dataset, **evals}
-            if args.metric_for_best_model and not args.metric_for_best_model.startswith(tuple(evals)):
+            if args.metric_for_best_model and not args.metric_for_best_model.removeprefix("eval_").startswith(
+                    tuple(evals)):
                 args.metric_for_best_model = "heldout_" + args.metric_for_best_model.removeprefix("eval_")
+        _refuse_test_selection(args.metric_for_best_model, evals)
         super().__init__(model=model, args=args, train_dataset=lower_dataset, eval_dataset=evals or None, **kwargs)
         if self.bilevel:  # early, with the constructor's model; again at each train start with the final one
             self._check_supported()
@@ -167,6 +153,13 @@ class BiDoRATrainer(Trainer):
                              "models: every model of a hyperparameter search must use the same method")
         if self.retrain and method != "bidora":
             raise ValueError(f"retrain=True is BiDoRA's retraining phase; this model's adapters are {method!r}")
+        if getattr(self, "_split_before_method", None) is not None:  # model_init: the split was made before
+            made, wanted = self._split_before_method, self._held_out_share(method, self.args)
+            if made != wanted:
+                raise ValueError(
+                    f"model_init returned a {method!r} model, whose held-out share is {wanted} "
+                    f"({'upper_fraction' if method == 'bidora' else 'heldout_fraction'}), but train_dataset was split "
+                    f"at {made} before the method was known: set heldout_fraction={wanted}")
         self.method = method
 
     def call_model_init(self, trial=None):
@@ -175,13 +168,36 @@ class BiDoRATrainer(Trainer):
         return model
 
     def _split(self, train_dataset, upper_dataset, args) -> tuple[Dataset | None, Dataset | None]:
-        if upper_dataset is not None or train_dataset is None or args.upper_fraction == 0:
+        """``(lower, held-out)``: BiDoRA holds out ``upper_fraction`` (its upper split); LoRA, DoRA and full
+        fine-tuning hold out ``heldout_fraction`` only when it is set (a selection split the user asked for) and
+        otherwise train on all of ``train_dataset``. An explicit ``upper_dataset`` is the held-out split of any
+        method. With ``model_init`` the method is not known yet: the split follows ``heldout_fraction`` when set,
+        else ``upper_fraction`` (BiDoRA's), and a model whose method wants another share is refused (:meth:`_adopt`:
+        a LoRA ``model_init`` needs ``heldout_fraction``, 0 for all of the data)."""
+        if upper_dataset is not None or train_dataset is None:
             return train_dataset, upper_dataset
+        if self.method is None:  # model_init: checked against the method of its first model (_adopt)
+            fraction = args.upper_fraction if args.heldout_fraction is None else args.heldout_fraction
+            self._split_before_method = fraction
+        else:
+            fraction = self._held_out_share(self.method, args)
+        if fraction == 0:
+            return train_dataset, None
         seed = args.data_seed if args.data_seed is not None else args.seed
-        lower_idx, upper_idx = split_indices(len(train_dataset), args.upper_fraction, seed)
+        lower_idx, upper_idx = split_indices(len(train_dataset), fraction, seed)
         if hasattr(train_dataset, "select"):  # a datasets.Dataset stays one (column handling, set_format)
             return train_dataset.select(lower_idx), train_dataset.select(upper_idx)
         return Subset(train_dataset, lower_idx), Subset(train_dataset, upper_idx)
+
+    @staticmethod
+    def _held_out_share(method: str, args: BiDoRATrainingArguments) -> float:
+        if method != "bidora":
+            return args.heldout_fraction or 0.0
+        if args.heldout_fraction not in (None, args.upper_fraction):
+            raise ValueError(f"heldout_fraction={args.heldout_fraction} is the baselines' selection split; BiDoRA "
+                             f"holds out upper_fraction={args.upper_fraction} (its upper split, also its held-out "
+                             "split): set upper_fraction instead")
+        return args.upper_fraction
 
     def _check_supported(self) -> None:
         """Refuse, with what to do instead, every setting the upper step cannot honour (checked at each train start,
@@ -288,13 +304,36 @@ class BiDoRATrainer(Trainer):
         return dataset.remove_columns(unused) if unused else dataset
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
-        (:func:`last_complete_checkpoint`), skipping one that a killed run left half written."""
+        """``Trainer.train``, checking before it trusts a checkpoint.
+
+        ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
+        (:func:`last_complete_checkpoint`), skipping one that a killed run left half written. The checkpoint is
+        validated before anything is loaded (:func:`loralib.checkpoints.validate_checkpoint`: damaged or missing
+        files, another method, rank, target set or base model each raise a
+        :class:`~loralib.checkpoints.CheckpointError` naming the file or setting). A run whose checkpoint is at
+        ``max_steps`` is finished: resuming it trains no further step. At train start the run
+        records its base model in ``output_dir/loralib_run.json`` (and in every checkpoint).
+        """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint:
+            resume_from_checkpoint = str(resume_from_checkpoint)
+            validate_checkpoint(resume_from_checkpoint, self.model, method=self.method, bilevel=self.bilevel,
+                                optimizer=not (self.args.deepspeed or self.args.fsdp),
+                                fingerprint=self._base_fingerprint())
+        if self.args.should_save:
+            write_run_record(self.args.output_dir, self._run_record())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers resumes the epoch of a checkpoint at max_steps and trains one step past it whenever max_steps
+        # is not a multiple of the steps per epoch: a run at max_steps is finished
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     # ---- losses ------------------------------------------------------------------------------------------------
     @contextmanager
@@ -391,6 +430,23 @@ class BiDoRATrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints: the trainable state only, and the upper level's next to the Trainer's optimiser ---------
+    def _base_fingerprint(self) -> dict | None:
+        """:func:`loralib.checkpoints.base_fingerprint` of the current model (computed once per model)."""
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is None or cached[0] is not self.model:
+            cached = (self.model, base_fingerprint(self.model))
+            self._fingerprint_cache = cached
+        return cached[1]
+
+    def _run_record(self) -> dict:
+        args = self.args
+        split = {"upper_fraction": args.upper_fraction if self.bilevel else None,
+                 "heldout_fraction": None if self.bilevel else args.heldout_fraction,
+                 "upper_dataset": self.upper_dataset is not None, "retrain": self.retrain}
+        return run_record(self.model, method=self.method, bilevel=self.bilevel, fingerprint=self._base_fingerprint(),
+                          extra={"split": split, "max_steps": args.max_steps,
+                                 "hypergradient": args.hypergradient if self.bilevel else None})
+
     def _save_checkpoint(self, model, trial) -> None:
         self._writing_checkpoint = True
         try:
@@ -402,26 +458,25 @@ class BiDoRATrainer(Trainer):
         """In a checkpoint of an adapted model, only what training changes (adapters, magnitudes, head, merge
         state): the frozen base is the pretrained model's, and a checkpoint of RoBERTa-large would otherwise hold it
         every time. ``save_model`` outside checkpoints writes the whole model (``loralib.from_pretrained`` loads it).
+        Both write ``loralib_run.json`` (the base the run used) next to the weights.
         """
         frozen = self._frozen_keys() if getattr(self, "_writing_checkpoint", False) and state_dict is None else None
         if frozen:
             state_dict = {k: v for k, v in self.model.state_dict().items() if k not in frozen}
         super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            write_run_record(output_dir if output_dir is not None else self.args.output_dir, self._run_record())
 
     def _frozen_keys(self) -> set[str]:
-        """State-dict keys of the frozen pretrained weights of an adapted model (empty for full fine-tuning)."""
-        config = get_adapter_config(self.model)
-        if config is None:
-            return set()
-        trainable = set(_live_tensors(self.model, config))  # names only: no copies of the tensors
-        return {k for k, _ in self.model.named_parameters() if k not in trainable}
+        """State-dict keys of the frozen pretrained weights of an adapted model, tied aliases included (empty for
+        full fine-tuning): :func:`loralib.checkpoints.frozen_keys`."""
+        return frozen_keys(self.model)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # a checkpoint without the frozen base is complete: only other missing keys are worth a warning
         frozen = self._frozen_keys()
         load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in frozen]
         super()._issue_warnings_after_load(load_result)
-
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -437,6 +492,8 @@ class BiDoRATrainer(Trainer):
             torch.save(state, os.path.join(output_dir, BILEVEL_STATE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.optimizer is not None and not (self.args.deepspeed or self.args.fsdp):
+            check_optimizer_groups(Path(checkpoint) / "optimizer.pt", self.optimizer)
         super()._load_optimizer_and_scheduler(checkpoint)
         if not (self.bilevel and checkpoint is not None):
             return
@@ -479,6 +536,17 @@ class _UpperStepCallback(TrainerCallback):
         if trainer.bilevel and state.global_step % args.unroll_steps == 0:
             trainer.upper_step()
         return control
+
+
+def _refuse_test_selection(metric: str | None, evals: dict) -> None:
+    """No model selection on a test split: ``metric_for_best_model`` naming one (``test_accuracy``) is refused."""
+    if not metric:
+        return
+    name = metric.removeprefix("eval_")
+    split = next((s for s in sorted(evals, key=len, reverse=True) if name.startswith(f"{s}_")), name.split("_")[0])
+    if split.startswith("test"):
+        raise ValueError(f"metric_for_best_model={metric!r} selects the model on the test split {split!r}, which makes "
+                         "its test score optimistic: select on the held-out split (heldout_<metric>) or a dev split")
 
 
 def _reentrant_checkpointing(model: nn.Module) -> bool:

@@ -73,18 +73,29 @@ def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def from_pretrained(model_class: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> nn.Module:
+def from_pretrained(model_class: type, pretrained_model_name_or_path: str | os.PathLike, base=None,
+                    **kwargs) -> nn.Module:
     """Load a model written by ``save_pretrained`` of an adapted model, adapters (and merge state) included.
 
     ``model_class`` is the transformers class (``AutoModelForSequenceClassification`` works); ``kwargs`` go to its
     ``from_pretrained`` (``dtype=torch.bfloat16`` gives a bf16 base with fp32 adapters, as
     :func:`loralib.apply_adapters` would). Trainable flags are those of :func:`loralib.apply_adapters`.
 
+    A :class:`loralib.BiDoRATrainer` checkpoint folder holds the trained tensors only (no pretrained base): it is
+    loaded by :func:`loralib.load_checkpoint` on top of ``base`` (default: the base its ``loralib_run.json``
+    records, checked against the recorded fingerprint). A folder whose weights leave some of the model's
+    parameters out is never returned with them randomly initialised: it is refused, naming ``load_checkpoint``.
+
     Raises:
-        ValueError: ``config.json`` records no adapters, or the weights lack some adapter tensors.
+        ValueError: ``config.json`` records no adapters, the weights lack some adapter tensors or some pretrained
+            weights (a checkpoint without a recorded base), or the base does not match the recorded one.
         FileNotFoundError: no safetensors weights in the folder.
     """
     directory = Path(pretrained_model_name_or_path)
+    if base is not None or _trainable_only(directory):
+        from .checkpoints import load_checkpoint
+
+        return load_checkpoint(directory, base=base, model_class=model_class, **kwargs)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}; not a folder written by save_pretrained")
@@ -99,6 +110,13 @@ def from_pretrained(model_class: type, pretrained_model_name_or_path: str | os.P
         for cls in {model_class, *_concrete_classes(model_class, directory)}:
             stack.enter_context(_adapter_keys_expected(cls))
         model = model_class.from_pretrained(directory, **kwargs)
+    uncovered = _uncovered_parameters(model, _saved_keys(directory))
+    if uncovered:
+        raise ValueError(
+            f"{directory} holds no weights for {len(uncovered)} of the model's parameters (e.g. {uncovered[0]}): "
+            "loaded alone they would be randomly initialised. A BiDoRATrainer checkpoint holds the trained tensors "
+            "only: load it with loralib.load_checkpoint(folder, base=<the pretrained model the run started from>)"
+        )
     apply_adapters(model, adapter_config)
     tensors = _adapter_tensors(directory)
     expected = {k for k in model.state_dict() if _ADAPTER_KEY.fullmatch(k)}
@@ -112,6 +130,52 @@ def from_pretrained(model_class: type, pretrained_model_name_or_path: str | os.P
     for _, layer in adapter_layers(model):
         layer._norm_cache = None
     return model
+
+
+def _saved_keys(directory: Path) -> set[str]:
+    keys: set[str] = set()
+    for path in _weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys.update(handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted: {err})") from None
+    return keys
+
+
+def _uncovered_parameters(model: nn.Module, saved: set[str]) -> list[str]:
+    """Parameters of ``model`` (as loaded, before the adapters) that no saved key provides, under any of their tied
+    names or with / without the base-model prefix."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def present(name: str) -> bool:
+        return (name in saved or f"{prefix}.{name}" in saved
+                or (bool(prefix) and name.startswith(prefix + ".") and name[len(prefix) + 1:] in saved))
+
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return sorted(group[0] for group in names.values() if not any(present(n) for n in group))
+
+
+def _trainable_only(directory: Path) -> bool:
+    """A folder that a BiDoRATrainer checkpoint wrote: its run record says so and its weights lack the base."""
+    from .checkpoints import RUN_RECORD
+
+    path = directory / RUN_RECORD
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        frozen = set(record["base"]["fingerprint"]["tensors"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if record.get("checkpoint_weights") != "trainable state only" or not frozen:
+        return False
+    try:
+        return not (frozen & _saved_keys(directory))
+    except (ValueError, FileNotFoundError):
+        return False
 
 
 def _concrete_classes(model_class: type, directory: Path) -> list[type]:

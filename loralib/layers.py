@@ -49,6 +49,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
+from .config import validate_adapter_options
+
 __all__ = [
     "AdapterLayer",
     "LoRALinear",
@@ -138,21 +140,6 @@ def unsupported_weight(weight: Tensor) -> str | None:
     return None
 
 
-def _validate(r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise ValueError(f"r must be a positive integer, got {r!r} ({type(r).__name__})")
-    if r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-    if lora_alpha <= 0:
-        raise ValueError(f"lora_alpha must be positive, got {lora_alpha}")
-    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if init_lora_weights not in ("kaiming", "gaussian"):
-        raise ValueError(f"init_lora_weights must be 'kaiming' or 'gaussian', got {init_lora_weights!r}")
-
-
 class AdapterLayer(nn.Module):
     """Mixin holding the adapter parameters and the forward / merge math shared by every layer type.
 
@@ -200,7 +187,8 @@ class AdapterLayer(nn.Module):
         detach_norm: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
-        _validate(r, lora_alpha, lora_dropout, init_lora_weights)
+        validate_adapter_options(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 init_lora_weights=init_lora_weights)
         unsupported = unsupported_weight(self.weight)
         if unsupported is not None:
             raise TypeError(

@@ -17,9 +17,13 @@ class BiDoRATrainingArguments(TrainingArguments):
     """Every ``TrainingArguments`` field (``learning_rate``, ``max_steps``, ``eval_strategy``, ``report_to``, ...) and:
 
     Parameters that control the split:
-        upper_fraction: share of the training set held out for the upper level (the magnitudes) when no
-            ``upper_dataset`` is given; the lower level (directions, head) trains on the rest. Used by the baselines
-            (lora, dora, ft) as their held-out selection split. 0 trains on all of it (not for BiDoRA).
+        upper_fraction: BiDoRA only: share of the training set held out for the upper level (the magnitudes) when
+            no ``upper_dataset`` is given; the lower level (directions, head) trains on the rest, and the held-out
+            part is also the ``heldout`` split model selection uses. The baselines ignore it.
+        heldout_fraction: LoRA, DoRA and full fine-tuning only: share of the training set held out as the
+            ``heldout`` split for model selection (``metric_for_best_model``). Default None: none, they train on all
+            of ``train_dataset`` as under a plain ``Trainer``. For BiDoRA leave it None (its held-out split is the
+            upper split).
     Parameters that control the upper level:
         upper_learning_rate / upper_weight_decay: the magnitudes' AdamW settings (default: the lower ones).
         upper_batch_size: examples per upper step and process (default ``per_device_train_batch_size``).
@@ -54,7 +58,10 @@ class BiDoRATrainingArguments(TrainingArguments):
         default=False, metadata={"help": "scale the loss by the global token count (True: transformers' default)"}
     )
     # split
-    upper_fraction: float = field(default=0.2, metadata={"help": "held-out share of train for the upper level"})
+    upper_fraction: float = field(default=0.2, metadata={"help": "BiDoRA: held-out share of train for the upper "
+                                                                 "level (and selection)"})
+    heldout_fraction: float | None = field(default=None, metadata={
+        "help": "lora / dora / ft: held-out share of train for model selection (default: none, train on all)"})
     # upper level
     upper_learning_rate: float | None = field(default=None, metadata={"help": "magnitudes' lr (default: lr)"})
     upper_weight_decay: float | None = field(default=None, metadata={"help": "magnitudes' weight decay"})
@@ -94,6 +101,9 @@ class BiDoRATrainingArguments(TrainingArguments):
         number("upper_fraction", 0.0)
         if self.upper_fraction >= 1.0:
             fail("upper_fraction", "must be below 1")
+        number("heldout_fraction", 0.0, optional=True)
+        if self.heldout_fraction is not None and self.heldout_fraction >= 1.0:
+            fail("heldout_fraction", "must be below 1")
         number("upper_learning_rate", 0.0, optional=True)
         number("upper_weight_decay", 0.0, optional=True)
         integer("upper_batch_size", 1, optional=True)

@@ -1,5 +1,7 @@
 """Adapter folders on tiny RoBERTa in float64: settings mismatches, loading into merged models, damaged files,
-per-module scaling in the metadata. Each case runs for loralib's own folders and for PEFT-format folders."""
+per-module scaling in the metadata. Each case runs for the three folder layouts loralib reads from its own saves:
+today's (PEFT's format with the loralib metadata), ``export_peft`` of earlier commits (PEFT's format with only
+``loralib_method`` in the metadata) and loralib's version-1 schema (earlier ``save_adapters``)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loralib
 from tests.tiny_models import tiny_roberta, token_batch
 
 QKI = ["query", "value", "intermediate.dense"]
-FORMATS = ["loralib", "peft"]
+FORMATS = ["loralib", "peft", "legacy"]
 
 
 def adapted(seed=0, **kwargs):
@@ -36,8 +39,35 @@ def perturb(model, seed=1):
     return model
 
 
+def save_version_1(model, directory):
+    """The folder ``loralib.save_adapters`` wrote before loralib adopted PEFT's format (version 1)."""
+    config = loralib.get_adapter_config(model)
+    layers = loralib.adapter_layers(model)
+    scalings = {name: layer.scaling for name, layer in layers}
+    meta = {
+        "format": "loralib-adapter",
+        "version": 1,
+        "config": config.to_dict(),
+        "scaling": next(iter(scalings.values())) if len(set(scalings.values())) == 1 else None,
+        "module_scaling": scalings,
+        "base_model_class": type(model).__name__,
+        "adapted_modules": {name: list(layer.base_weight().shape) for name, layer in layers},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(loralib.adapter_state_dict(model), str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+
+
 def save(model, directory, fmt):
-    (loralib.save_adapters if fmt == "loralib" else loralib.export_peft)(model, directory)
+    if fmt == "legacy":
+        save_version_1(model, directory)
+        return directory
+    loralib.save_adapters(model, directory)
+    if fmt == "peft":  # export_peft of earlier commits: PEFT's folder, only the method in the metadata
+        path = directory / "adapter_model.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            method = handle.metadata()["loralib_method"]
+        save_file(load_file(path), str(path), metadata={"format": "pt", "loralib_method": method})
     return directory
 
 
@@ -89,16 +119,30 @@ def test_same_settings_written_differently_load(tmp_path):
     loralib.load_adapters(model, directory)
 
 
-def test_metadata_scaling_is_per_module(tmp_path):
+@pytest.mark.parametrize("fmt", ["loralib", "legacy"])
+def test_metadata_scaling_is_per_module(fmt, tmp_path):
     model = adapted(rank_pattern={"query": 2}, alpha_pattern={"value": 2}, use_rslora=True)
-    loralib.save_adapters(model, tmp_path)
+    save(model, tmp_path, fmt)
     meta = loralib.read_adapter_config(tmp_path)
+    assert meta["version"] == (1 if fmt == "legacy" else 2)
+    for name, layer in loralib.adapter_layers(model):
+        assert meta["module_scaling"][name] == layer.scaling  # the same float the layer computes
     assert meta["scaling"] is None  # not one number any more
     assert meta["module_scaling"]["roberta.encoder.layer.0.attention.self.query"] == pytest.approx(8 / 2**0.5)
     assert meta["module_scaling"]["roberta.encoder.layer.0.attention.self.value"] == pytest.approx(2 / 4**0.5)
     assert meta["module_scaling"]["roberta.encoder.layer.0.intermediate.dense"] == pytest.approx(8 / 4**0.5)
     loralib.save_adapters(adapted(), tmp_path / "uniform")
     assert loralib.read_adapter_config(tmp_path / "uniform")["scaling"] == 2.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("method", ["lora", "bidora"])
+def test_every_layout_reloads_bitwise(method, fmt, tmp_path):
+    model = perturb(adapted(method=method))
+    directory = save(model, tmp_path / "a", fmt)
+    back = loralib.load_adapters(tiny_roberta(dtype=torch.float64).eval(), directory)
+    assert loralib.get_adapter_config(back).method == method
+    assert torch.equal(logits(back), logits(model))
 
 
 # ---- merged models ----------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import loralib
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 import run_glue  # noqa: E402
@@ -99,7 +101,7 @@ def test_protein_classification_every_method(assets, method):
     if method == "ft":
         assert results["trainable_parameters"] == results["total_parameters"]
         return
-    adapted = json.loads((out / "adapter" / "adapter_config.json").read_text())["adapted_modules"]
+    adapted = loralib.read_adapter_config(out / "adapter")["adapted_modules"]
     expected = {f"esm.encoder.layer.{i}.attention.self.{p}" for i in range(LAYERS) for p in ("query", "value")}
     assert set(adapted) == expected
     per_module = RANK * (HIDDEN + HIDDEN) + (HIDDEN if method in ("dora", "bidora") else 0)

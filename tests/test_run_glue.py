@@ -449,3 +449,51 @@ def test_a_key_given_twice_in_the_config_is_an_error(tmp_path, capsys):
     _, _, adapter_config, _, _ = run_glue.parse_args(["--config", str(config), "--model_name_or_path", "m",
                                                       "--output_dir", "o", "--lora_r", "5"])
     assert (adapter_config.rank_pattern, adapter_config.r) == ({"query": 2}, 5)  # the command line overrides
+
+
+def test_selection_never_lands_on_the_test_split(assets, tmp_path, capsys):
+    model, files = assets
+    out = tmp_path / "o"
+    f = files["sst2"]
+    no_dev = ["--model_name_or_path", model, "--task_name", "sst2", "--method", "lora", "--output_dir", out,
+              "--train_file", f["train"], "--test_file", f["test"], *FAST]  # a labelled test file, no dev file
+    fails(capsys, [str(a) for a in [*no_dev, "--select_on_dev"]], 1,
+          "--select_on_dev selects on a labelled dev split and this run has none", out)
+    argv = args_for(model, files, "sst2", "lora", out)
+    fails(capsys, [*argv, "--metric_for_best_model", "test_accuracy"], 1,
+          "--metric_for_best_model test_accuracy selects the model on the test split", out)
+
+
+def test_a_resume_checks_the_checkpoint_and_skips_a_half_written_one(assets, tmp_path, monkeypatch, capsys):
+    model, files = assets
+    out = tmp_path / "cut"
+    argv = args_for(model, files, "sst2", "lora", out)
+    with monkeypatch.context() as m:
+        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
+        with pytest.raises(Interrupted):
+            run_glue.main(argv)
+    assert json.loads((out / "loralib_run.json").read_text())["base"]["name_or_path"] == str(model)
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "trainer_state.json").write_bytes(b"")  # a kill while it was written: skipped
+    optimizer = out / "checkpoint-3" / "optimizer.pt"
+    optimizer.rename(tmp_path / "optimizer.pt")
+    capsys.readouterr()
+    err = fails(capsys, argv, 1, f"cannot resume from {out / 'checkpoint-3'}: {optimizer} is missing")
+    assert "--overwrite_output_dir to start afresh" in err
+    (tmp_path / "optimizer.pt").rename(optimizer)
+    assert run_glue.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "checkpoint-5" in printed
+    assert f"resuming the unfinished run in {out} from {out / 'checkpoint-3'}" in printed
+    assert "holding out 20% of train (10 of 48 examples) as the heldout split: the model is selected on it" in printed
+    results = results_of(out)
+    assert results["selection"] == "heldout" and results["selection_split"] == "heldout"
+    assert results["config"]["heldout_fraction"] == 0.2
+    # the finished run's folder loads as the trained model on the recorded base: the base's own weights, the adapter
+    loaded = loralib.load_checkpoint(out)
+    base = load_file(Path(model) / "model.safetensors")
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items() if k in state and "classifier" not in k)
+    fresh = run_glue.load_classifier(str(model), 2)  # what the existing end-to-end test reloads
+    loralib.load_adapters(fresh, out / "adapter")
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())

@@ -152,6 +152,10 @@ def load_snapshot(step_dir: str | Path, base: dict[str, np.ndarray]) -> tuple[st
         raise ValueError(f"{step_dir}: {ADAPTER_CONFIG} missing")
     with open(config_path, encoding="utf-8") as fh:
         config = json.load(fh)
+    if "peft_type" in config:  # loralib's format 2 is PEFT's: its reader gives the same view and tensor names
+        from loralib.io import read_adapter_config, read_adapter_tensors
+
+        config = read_adapter_config(step_dir)
     try:
         method = str(config["config"]["method"]).lower()
         # per-module scaling (rank_pattern / alpha_pattern) when saved; "scaling" is None when it is not uniform
@@ -161,7 +165,10 @@ def load_snapshot(step_dir: str | Path, base: dict[str, np.ndarray]) -> tuple[st
         raise ValueError(f"{config_path}: needs 'scaling' and 'config': {{'method': ...}} ({err})") from err
     if method not in {"lora", "dora", "bidora"}:
         raise ValueError(f"{config_path}: unknown method {method!r}")
-    tensors = _float64(load_file(str(step_dir / ADAPTER_FILE)))
+    if "peft_config" in config:
+        tensors = _float64(read_adapter_tensors(step_dir))
+    else:
+        tensors = _float64(load_file(str(step_dir / ADAPTER_FILE)))
     modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
     for module in modules:
         a, b = tensors[f"{module}.lora_A"], tensors.get(f"{module}.lora_B")

@@ -11,9 +11,12 @@ Laid out like transformers' own run_glue.py: ``HfArgumentParser`` over ``ModelAr
 Trainer option and the bi-level ones); the values of ``--config file.yaml`` are defaults that the command line
 overrides. Every option survives torchrun's own parser (``--lora_r`` is ``--r`` for torchrun command lines: torchrun
 takes ``--r`` for one of its own options). One ``loralib.BiDoRATrainer`` runs every method (ft, lora and dora
-exactly as a plain Trainer), so all of them go through one pipeline. It holds out ``upper_fraction`` of train:
-BiDoRA's magnitudes train on it and every method is selected on it (``heldout``); ``--select_on_dev`` selects on the
-first dev split over time instead (the original code's optimistic protocol, labelled ``dev_best_over_time``); BiDoRA
+exactly as a plain Trainer), so all of them go through one pipeline. It holds out ``upper_fraction`` of train and
+says so: BiDoRA's magnitudes train on it and every method is selected on it (``heldout``; for ft / lora / dora the
+runner passes it on as the trainer's ``heldout_fraction`` unless ``--heldout_fraction`` is given; 0 trains them on
+all of train and reports the final model); ``--select_on_dev`` selects on the first dev split over time instead (the
+original code's optimistic protocol, labelled ``dev_best_over_time``). No option selects on a test split;
+``results.json`` names the split selection used (``selection_split``). BiDoRA
 with ``--retrain_max_steps N`` then retrains fresh directions on all of train with the magnitudes frozen and reports
 that final model (``final``), the search phase staying in the history.
 
@@ -49,6 +52,7 @@ from run_helpers import (  # noqa: E402
     SelectionCallback,
     SnapshotCallback,
     apply_config,
+    check_checkpoint,
     find_checkpoint,
     history_rows,
     inspect_output_dir,
@@ -65,6 +69,7 @@ from transformers.training_args import IntervalStrategy  # noqa: E402
 
 import loralib  # noqa: E402
 from loralib import BiDoRATrainer, BiDoRATrainingArguments  # noqa: E402
+from loralib.checkpoints import CheckpointError  # noqa: E402
 from loralib.config import METHODS as ADAPTER_METHODS  # noqa: E402
 from loralib.files import atomic_write_text  # noqa: E402
 
@@ -77,6 +82,7 @@ SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="steps", eval_
 TRAJECTORY = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
               "max_grad_norm", "max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "optim",
               "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "upper_fraction",
+              "heldout_fraction",
               "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient", "unroll_steps",
               "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations", "orth_reg")
 
@@ -158,6 +164,10 @@ def make_parser() -> HfArgumentParser:
     for action in parser._actions:
         if action.dest == "output_dir":
             action.required = True
+        if action.dest == "upper_fraction":  # this runner also holds it out for the baselines' selection
+            action.help = ("Held-out share of train: BiDoRA's upper split (its magnitudes train on it), and for ft, "
+                           "lora and dora the selection split unless --heldout_fraction is given; every method is "
+                           "selected on it. 0: ft / lora / dora train on all of train and report the final model.")
         if action.dest == "method":  # AdapterConfig's methods, and full fine-tuning (no adapter)
             action.choices = list(METHODS)
             action.help = f"ft (full fine-tuning: no adapter, every weight trains), {action.help}"
@@ -194,6 +204,8 @@ def parse_args(argv: list[str] | None = None):
         if run_args.retrain_max_steps and method != "bidora" else
         "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
         if method == "bidora" and args.upper_fraction == 0 else
+        "--heldout_fraction is for ft, lora and dora; BiDoRA holds out --upper_fraction (its upper split)"
+        if method == "bidora" and args.heldout_fraction is not None else
         "--do_train false: this script trains one run (evaluate a saved adapter with loralib.load_adapters)"
         if not args.do_train else
         "--load_best_model_at_end: run_glue selects the reported model itself (held-out, or --select_on_dev)"
@@ -206,7 +218,14 @@ def parse_args(argv: list[str] | None = None):
     )
     if problem:
         parser.error(problem)
+    if method != "bidora" and args.heldout_fraction is None:  # the baselines' selection split: --upper_fraction
+        args.heldout_fraction = args.upper_fraction
     return model_args, data_args, adapter_config, run_args, args
+
+
+def held_out_fraction(method: str, args: BiDoRATrainingArguments) -> float:
+    """The share of train held out as the ``heldout`` split (BiDoRA's upper split; the baselines' selection split)."""
+    return args.upper_fraction if method == "bidora" else (args.heldout_fraction or 0.0)
 
 
 # ---- data and model ---------------------------------------------------------------------------------------------
@@ -260,6 +279,7 @@ class Plan:
     run_config: dict
     search_done: bool = False
     checkpoint: Path | None = None
+    selection_split: str | None = None  # the split selection uses (None: the final model is reported)
 
 
 def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapter_config: loralib.AdapterConfig,
@@ -275,8 +295,10 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
                        f"{model_args.model_name_or_path} can read; use --max_length {limit} or less")
     data = load_datasets(data_args, tokenizer)
     evals = {n: d for n, d in data.items() if n != "train" and d.has_labels} if args.do_eval else {}
-    if run_args.select_on_dev and not evals:
-        raise RunError("--select_on_dev needs a labelled dev split (--validation_file)")
+    dev = [n for n in evals if not n.startswith("test")]
+    if run_args.select_on_dev and not dev:
+        raise RunError("--select_on_dev selects on a labelled dev split and this run has none (give "
+                       "--validation_file); it never selects on the test split, whose score would then be optimistic")
     set_seed(args.seed)  # the head's initialisation depends on the seed only
     model = build_model(model_args, None if run_args.method == "ft" else adapter_config, task)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -284,18 +306,23 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
     # What is reported: the model best on held-out train data, the best dev score over time, or the final model.
     metric = (args.metric_for_best_model or task.select_metric).removeprefix("eval_")
     greater = args.greater_is_better if args.greater_is_better is not None else not metric.endswith("loss")
-    split = next((s for s in ("heldout", *evals) if metric.startswith(f"{s}_")), None)  # the user named one
+    named = sorted(("heldout", *evals, "test"), key=len, reverse=True)
+    split = next((s for s in named if metric.startswith(f"{s}_")), None)  # the user named one
+    if split is not None and split.startswith("test"):
+        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects the model on the test split, "
+                       "which makes its test score optimistic; name the held-out split (heldout_...) or a dev split")
     metric = metric.removeprefix(f"{split}_") if split else metric
     if split is None:
-        split = next(iter(evals)) if run_args.select_on_dev else "heldout"
+        split = dev[0] if run_args.select_on_dev else "heldout"
     if (run_args.retrain_max_steps or args.eval_strategy == IntervalStrategy.NO
-            or (split == "heldout" and args.upper_fraction == 0)):
+            or (split == "heldout" and held_out_fraction(run_args.method, args) == 0)):
         selection, args.metric_for_best_model = "final", None
     else:
         selection = "heldout" if split == "heldout" else "dev_best_over_time"
         args.metric_for_best_model, args.greater_is_better = f"{split}_{metric}", greater
     plan = Plan(status, tokenizer, data, evals, model, trainable, selection, metric, greater,
                 flat_config(model_args, data_args, adapter_config, run_args, args))
+    plan.selection_split = None if selection == "final" else split
     if status == "resume":
         saved = json.loads((out / "run_config.json").read_text()) if (out / "run_config.json").is_file() else {}
         keys = [k for g in (model_args, data_args, adapter_config, run_args) for k in g.__dataclass_fields__
@@ -308,6 +335,9 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
         plan.search_done = run_args.retrain_max_steps > 0 and (out / "search_state.json").is_file()
         required = ("trainer_state.json",) + (("selection.json",) if selection != "final" else ())
         plan.checkpoint = find_checkpoint(out / "retrain" if plan.search_done else out, required)
+        if plan.checkpoint is not None:  # the checkpoint's model state against this run's, before anything is loaded
+            check_checkpoint(plan.checkpoint, model, run_args.method, run_args.method == "bidora" and
+                             not plan.search_done)
     return plan
 
 
@@ -330,10 +360,17 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
     extra = {"data_collator": collate, "compute_metrics": lambda p: compute_metrics(task, logits_of(p), p.label_ids)}
 
     def phase(name, phase_args, offset, later, resume_from, **kw):
-        if not (evals or (name == "search" and args.upper_fraction > 0)):
+        if not (evals or (name == "search" and held_out_fraction(run_args.method, args) > 0)):
             phase_args.eval_strategy = IntervalStrategy.NO
         trainer = BiDoRATrainer(model=model, args=phase_args, train_dataset=data["train"], eval_dataset=evals or None,
                                 **extra, **kw)
+        if name == "search" and trainer.upper_dataset is not None and main:
+            role = ("BiDoRA's magnitudes train on it and the model is selected on it" if run_args.method == "bidora"
+                    else "the model is selected on it; --upper_fraction 0 (or --heldout_fraction 0) trains on all "
+                    "of train")
+            print(f"holding out {held_out_fraction(run_args.method, args):.0%} of train "
+                  f"({len(trainer.upper_dataset)} of {len(data['train'])} examples) as the heldout split: {role}",
+                  flush=True)
         log = CsvLogCallback(out / "log.csv", name, offset)
         selector = None
         if name == "search" and plan.selection != "final":
@@ -398,6 +435,7 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
         "task": task.name, "model": model_args.model_name_or_path, "method": run_args.method,
         "rank": None if run_args.method == "ft" else adapter_config.r, "seed": args.seed,
         "selection": selection, "selected_step": selected_step, "select_metric": plan.select_metric,
+        "selection_split": None if selection == "final" else plan.selection_split,
         "paper_metric": task.paper_metric, "pooling": model_args.pooling,
         "eval": metrics_at(history, selected_step, task.metric_names),
         "final_eval": metrics_at(history, steps, task.metric_names), "history": history, "config": plan.run_config,
@@ -408,8 +446,12 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
         "data_sizes": {"train": len(data["train"]), **sizes, **{n: len(d) for n, d in data.items() if n != "train"}},
     }
     if main:
-        if loralib.get_adapter_config(model) is not None:
-            loralib.save_adapters(model, out / "adapter")
+        if loralib.get_adapter_config(model) is not None:  # PEFT's format, with a model card
+            sizes = ", ".join(f"{split} {n}" for split, n in results["data_sizes"].items())
+            loralib.save_adapters(
+                model, out / "adapter", metrics={f"{split} at step {selected_step} (selection: {selection})": values
+                                                 for split, values in results["eval"].items()},
+                training_data=f"{task.name} ({data_args.train_file or 'hub dataset'}), examples per split: {sizes}")
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         if not run_args.keep_checkpoints:
             for path in [*out.glob("checkpoint-*"), out / "retrain", out / "search_adapter", out / "search_state.json"]:
@@ -432,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         results = train(plan, *groups)
-    except FloatingPointError as err:  # a diverging run: the checkpoints written so far are kept
+    except (FloatingPointError, CheckpointError) as err:  # a diverging run (its checkpoints are kept); a checkpoint
+        # that the trainer's own checks refuse (optimiser state of other parameter groups)
         print(f"error: {err}", file=sys.stderr)
         return 1
     for split, metrics in results["eval"].items():

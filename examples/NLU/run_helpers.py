@@ -35,6 +35,7 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import loralib
+from loralib.checkpoints import CheckpointError, last_complete_checkpoint, validate_checkpoint
 from loralib.files import atomic_write, atomic_write_text
 
 
@@ -166,7 +167,8 @@ def apply_config(parser, path: str) -> None:
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # loralib.files.atomic_write's temporary files, left by a kill
 RUN_FILES = {"results.json", "log.csv", "run_config.json", "adapter", "snapshots", "retrain", "search_adapter",
-             "search_state.json", "runs"}  # runs/: TensorBoard's logs (--report_to tensorboard)
+             "search_state.json", "runs", "loralib_run.json"}  # runs/: TensorBoard's logs (--report_to tensorboard);
+# loralib_run.json: the base model the run used (loralib.BiDoRATrainer writes it; loralib.load_checkpoint reads it)
 
 
 def is_run_file(name: str) -> bool:
@@ -220,32 +222,42 @@ def _damage(path: Path) -> str | None:
 def find_checkpoint(folder: Path, required: tuple[str, ...] = ("trainer_state.json",)) -> Path | None:
     """The newest complete checkpoint under ``folder`` (None: start from scratch).
 
-    A checkpoint lacking one of ``required`` files (the Trainer writes ``trainer_state.json`` last) was cut short by
-    a kill while saving: it is skipped, with a note. A complete one with a damaged file is an error.
+    A checkpoint whose ``trainer_state.json`` is missing, empty or unparsable (the Trainer writes it last), or that
+    lacks one of ``required`` files, was cut short by a kill while saving: it is skipped, with a note, as
+    ``loralib.BiDoRATrainer`` skips it (:func:`loralib.checkpoints.last_complete_checkpoint`). A complete one with a
+    damaged file is an error.
 
     Raises:
         RunError: naming the checkpoint and the file, and the two ways out.
     """
-    if not folder.is_dir():
+    extra = tuple(name for name in required if name != "trainer_state.json")
+    notes = lambda message: print(f"note: {message}", flush=True)  # noqa: E731
+    newest = last_complete_checkpoint(folder, required=extra, report=notes)
+    if newest is None:
         return None
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
-    complete = []
-    for _, path in found:
-        missing = [name for name in required if not (path / name).is_file()]
-        if missing:
-            print(f"note: skipping {path}: incompletely written (no {missing[0]})", flush=True)
-        else:
-            complete.append(path)
-    if not complete:
-        return None
-    newest = complete[-1]
+    newest = Path(newest)
     for file in sorted(p for p in newest.rglob("*") if p.is_file()):
         reason = _damage(file)
         if reason is not None:
-            previous = f"the previous complete checkpoint, {complete[-2].name}" if len(complete) > 1 else "none left"
-            raise RunError(f"checkpoint {newest} is damaged ({file.name}: {reason}); delete {newest} to resume from "
-                           f"{previous}, or pass --overwrite_output_dir to start afresh")
+            raise RunError(f"checkpoint {newest} is damaged ({file.name}: {reason}); {_ways_out(newest)}")
     return newest
+
+
+def _ways_out(checkpoint: Path) -> str:
+    step = int(_CHECKPOINT.match(checkpoint.name)[1])
+    steps = sorted(int(m.group(1)) for p in checkpoint.parent.iterdir()
+                   if (m := _CHECKPOINT.match(p.name)) and int(m.group(1)) < step)
+    earlier = f"the previous checkpoint, {PREFIX_CHECKPOINT_DIR}-{steps[-1]}" if steps else "none left"
+    return f"delete {checkpoint} to resume from {earlier}, or pass --overwrite_output_dir to start afresh"
+
+
+def check_checkpoint(checkpoint: Path, model, method: str, bilevel: bool) -> None:
+    """The checkpoint's files and model state fit this run (:func:`loralib.checkpoints.validate_checkpoint`: the
+    optimiser state, the method, rank, targets and base model), or a RunError naming the file or setting."""
+    try:
+        validate_checkpoint(checkpoint, model, method=method, bilevel=bilevel)
+    except CheckpointError as err:
+        raise RunError(f"cannot resume from {checkpoint}: {err}; {_ways_out(checkpoint)}") from None
 
 
 # ---- the pretrained model ------------------------------------------------------------------------------------------

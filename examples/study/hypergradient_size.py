@@ -502,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "study")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "study" / "hypergradient_probe.json")
     p.add_argument("--table", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the record in --out (runs already there are kept, not run again)")
+    p.add_argument("--note", action="append", default=[], help="a line for the record's notes (repeatable)")
+    p.add_argument("--measured-delta", type=float, default=None,
+                   help="δ for damped_solve@measured (default: 2|λ_min| at the first probe of the damped_solve run, "
+                        "from this invocation or, with --merge, from the record)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT / "examples" / "NLU"))
@@ -525,8 +531,17 @@ def main(argv: list[str] | None = None) -> int:
               "references": {"damped_Fx": "direct - C (H + F*2|lambda_min| I)^-1 v, float64 Lanczos from v + MINRES",
                              "unrolled_KK": "exact d/dlambda through the K lower steps before the probe, float64"},
               "runs": {}, "notes": []}
-    measured_delta = None
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        record["runs"], record["notes"] = previous["runs"], previous.get("notes", [])
+    record["notes"] += [n for n in args.note if n not in record["notes"]]
+    measured_delta = args.measured_delta
+    probes = record["runs"].get("damped_solve", {}).get("probes")
+    if measured_delta is None and probes:
+        measured_delta = probes[min(probes, key=int)]["lanczos"]["damping_lambda"]
     for name in names:
+        if name in record["runs"]:
+            continue
         if name == "damped_solve@measured":
             if measured_delta is None:
                 record["notes"].append("damped_solve@measured skipped: no damped_solve probe measured λ_min first")
@@ -571,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         run["train_seconds_with_probes"] = time.perf_counter() - start
         run["upper_seconds_median"] = statistics.median(trainer.upper_seconds)
         run["upper_seconds_mean"] = statistics.fmean(trainer.upper_seconds)
-        if name == "damped_solve" and run["probes"]:
+        if name == "damped_solve" and run["probes"] and args.measured_delta is None:
             first = run["probes"][min(run["probes"], key=int)]
             measured_delta = first["lanczos"]["damping_lambda"]
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
