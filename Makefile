@@ -65,3 +65,22 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# Wheels for the GPU check machine (Python 3.12, torch preinstalled, no registry, <= 64 MiB carried): what loralib needs
+# beyond torch, as py3.12 / manylinux x86_64 wheels, no dependencies resolved. Install there with
+# `pip install --no-deps runs/gpu_wheels/*.whl`, then `bash benchmarks/gpu_check.sh --device cuda` (benchmarks/README.md).
+GPU_WHEELS ?= runs/gpu_wheels
+GPU_WHEEL_SPECS ?= transformers==5.24.* peft==0.21.2 accelerate safetensors "huggingface_hub>=1.31,<2" \
+	"tokenizers>=0.23.1,<0.24" "regex>=2025.10.22" psutil \
+	"hf-xet>=1.6,<2" "click>=8.4.2,<9" pytest pluggy iniconfig pygments "packaging>=24"
+.PHONY: gpu-wheels
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	# betty-ml 0.2.1 declares Python < 3.11 (it runs on 3.12): hence --ignore-requires-python
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --ignore-requires-python --python-version 3.12 \
+	  -d $(GPU_WHEELS) betty-ml==0.2.1
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	@ls -l $(GPU_WHEELS)/*.whl
+	@total=$$(cat $(GPU_WHEELS)/*.whl | wc -c); echo "total $$((total / 1048576)) MiB ($$total bytes; limit to carry: 64 MiB)"; \
+	  [ $$total -le 62914560 ] || { echo "error: over 60 MiB" >&2; exit 1; }

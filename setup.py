@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "peft>=0.12", "ruff>=0.5"],
+        "test": ["pytest>=7", "peft>=0.12", "ruff>=0.5", "seqeval>=1.2.2"],
         "demo": ["matplotlib>=3.7", "tensorboard>=2.10"],
     },
 )

@@ -23,32 +23,14 @@ from loralib.hypergradients import (
     adam_step_jacobian,
     build_hypergradient,
 )
+from tests.ridge_toy import MU, N_LO, D, closed_form_w, make_data, task
 
 F64 = torch.float64
-D, N_LO, N_UP, MU = 5, 40, 30, 0.3
-
-
-# ---- the ridge toy: lower  w*(m) = argmin ‖X_lo (m ⊙ w) − y_lo‖²/n + μ‖w‖²,  upper  ‖X_up (m ⊙ w) − y_up‖²/n ----
-def task(w, m, x, y):
-    return ((x @ (m * w) - y) ** 2).mean()
-
-
-def closed_form_w(m, x, y):
-    n = x.shape[0]
-    a = (m[:, None] * (x.T @ x) * m[None, :]) / n + MU * torch.eye(D, dtype=x.dtype)
-    return torch.linalg.solve(a, m * (x.T @ y) / n)
 
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(0)
-    x_lo = torch.randn(N_LO, D, generator=g, dtype=F64)
-    x_up = torch.randn(N_UP, D, generator=g, dtype=F64)
-    w_true = torch.randn(D, generator=g, dtype=F64)
-    y_lo = x_lo @ w_true + 0.1 * torch.randn(N_LO, generator=g, dtype=F64)
-    y_up = x_up @ w_true + 0.1 * torch.randn(N_UP, generator=g, dtype=F64)
-    m = 1.0 + 0.3 * torch.randn(D, generator=g, dtype=F64)
-    return x_lo, y_lo, x_up, y_up, m
+    return make_data()
 
 
 class Ridge:

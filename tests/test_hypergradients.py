@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-D, N_LO, N_UP, MU = 5, 40, 30, 0.3
+from tests.ridge_toy import MU, N_LO, N_UP, D, closed_form_w, make_data, task
+
+upper_objective = task
 
 
 class Toy(nn.Module):
@@ -27,30 +29,12 @@ class Toy(nn.Module):
 
 
 def lower_objective(w, m, x, y):
-    return ((x @ (m * w) - y) ** 2).mean() + MU * (w**2).sum()
-
-
-def upper_objective(w, m, x, y):
-    return ((x @ (m * w) - y) ** 2).mean()
-
-
-def closed_form_w(m, x, y):
-    """argmin_w of lower_objective: (D XᵀX D / n + μI) w = D Xᵀ y / n with D = diag(m)."""
-    n = x.shape[0]
-    a = (m[:, None] * (x.T @ x) * m[None, :]) / n + MU * torch.eye(D, dtype=x.dtype)
-    return torch.linalg.solve(a, m * (x.T @ y) / n)
+    return task(w, m, x, y) + MU * (w**2).sum()
 
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(0)
-    x_lo = torch.randn(N_LO, D, generator=g, dtype=torch.float64)
-    x_up = torch.randn(N_UP, D, generator=g, dtype=torch.float64)
-    w_true = torch.randn(D, generator=g, dtype=torch.float64)
-    y_lo = x_lo @ w_true + 0.1 * torch.randn(N_LO, generator=g, dtype=torch.float64)
-    y_up = x_up @ w_true + 0.1 * torch.randn(N_UP, generator=g, dtype=torch.float64)
-    m = 1.0 + 0.3 * torch.randn(D, generator=g, dtype=torch.float64)
-    return x_lo, y_lo, x_up, y_up, m
+    return make_data()
 
 
 def exact_hypergradient(data) -> torch.Tensor:
