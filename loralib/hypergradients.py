@@ -546,7 +546,9 @@ ESTIMATORS: dict[str, type[Hypergradient]] = {
 
 
 def _accepted_settings(cls: type[Hypergradient]) -> list[str]:
-    return [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    """The keyword settings ``cls.__init__`` names (none for a class without its own ``__init__``)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind in kinds]
 
 
 def build_hypergradient(name: str, **settings) -> Hypergradient:

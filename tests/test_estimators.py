@@ -514,3 +514,11 @@ def test_two_processes_hold_the_same_iterates(data):
             torch.testing.assert_close(results[0][1][0], est._z[0], rtol=1e-10, atol=1e-14)
         for k in range(4):
             torch.testing.assert_close((results[0][0][k] + results[1][0][k]) / 2, single[k], rtol=1e-9, atol=1e-13)
+
+
+def test_every_estimator_has_a_repr_naming_its_settings():
+    for name in ESTIMATORS:
+        text = repr(build_hypergradient(name, darts_alpha=0.02, damped_solve_damping=2.0))
+        assert text.startswith(type(build_hypergradient(name)).__name__ + "(")
+    assert repr(build_hypergradient("first_order")) == "FirstOrder()"
+    assert "damped_solve_damping=2.0" in repr(build_hypergradient("damped_solve", damped_solve_damping=2.0))

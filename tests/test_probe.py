@@ -52,6 +52,7 @@ def probed(tmp_path_factory):
     trainer = hs.ProbeTrainer(model=_model(), args=args, train_dataset=Tokens(), at=(5,), keep=3, probe=probe,
                               callbacks=[hs.StopAfter(5)])
     trainer.train()
+    seen["trainer"] = trainer
     return seen
 
 
@@ -98,3 +99,14 @@ def test_damped_reference_matches_a_dense_solve(probed):
             dense = direct - hs.flat(hs.zeros_for_none(cross, lm))
             assert hs.rel(ref["totals"][f"{f:g}x"], dense) < 1e-8
             assert ref["stats"]["damped"][f"{f:g}x"]["true_relative_residual"] < 1e-8
+
+
+def test_interleaved_timing_calls_every_estimator(probed):
+    trainer = probed["trainer"]
+    before = [p.detach().clone() for p in trainer.upper_level.trainable_parameters()]
+    names = ["darts", "damped_solve", "sama", "first_order"]
+    out = hs.time_estimators(trainer, names, rounds=2)
+    assert set(out["median_seconds"]) == set(names) and all(len(t) == 2 for t in out["seconds"].values())
+    assert out["median_ratio_to_darts"]["darts"] == 1.0
+    assert trainer.upper_level.hypergradient.name == "damped_solve"  # the run's estimator is put back
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.upper_level.trainable_parameters()))

@@ -1,7 +1,8 @@
 """How close is each hypergradient estimator to the exact hypergradient, on the real encoder, during its own search?
 
     python examples/study/hypergradient_size.py [--estimators damped_solve,darts,...] [--at 40,125] [--unroll 1,5]
-        [--size 200] [--seed 0] [--out results/study/hypergradient_probe.json]
+        [--size 200] [--seed 0] [--out results/study/hypergradient_probe.json] [--table FILE] [--merge]
+    python examples/study/hypergradient_size.py --at 3 --time-rounds 3 --estimators darts,damped_solve,sama,first_order
 
 Setting: the study's BiDoRA search (examples/study/plan.py: all-MiniLM-L6-v2 on Rotten Tomatoes, N = 200, seed 0,
 the demo config: lower batch 16, lr 5e-4, AdamW, 125 steps), trained through loralib.BiDoRATrainer once per estimator
@@ -29,7 +30,8 @@ on a float64 copy of the model:
 
 Per estimator and probe point: total cosine and relative error to every reference, ‖implicit‖/‖direct‖ (implicit =
 estimator total − the float64 direct term), and the seconds per upper step (median over the run). Writes the JSON
-after every probe (partial results survive a kill) and, with ``--table``, a markdown table.
+after every probe (partial results survive a kill) and, with ``--table``, a markdown table. ``--time-rounds``
+times the estimators instead, interleaved at one point (a CPU shared with other jobs slows them alike).
 """
 
 from __future__ import annotations
@@ -394,6 +396,15 @@ def unrolled_reference(f64: Functional, history: Sequence[dict], theta_now, mags
 
 
 # ------------------------------------------------------------------------------------------------------ a probe
+def _describe(estimator) -> str:
+    """``repr`` of an estimator; loralib's ``Hypergradient.__repr__`` fails for estimators without an ``__init__``
+    (FirstOrder: it reads the settings ``args``, ``kwargs`` of ``object.__init__``)."""
+    try:
+        return repr(estimator)
+    except AttributeError:
+        return f"{type(estimator).__name__}()"
+
+
 def measure(trainer: ProbeTrainer, step: int, total, seconds: float, call: dict, unroll=(1, 5),
             lanczos: dict | None = None) -> dict:
     """Every reference at the current point and the estimator's total against each."""
@@ -423,15 +434,57 @@ def measure(trainer: ProbeTrainer, step: int, total, seconds: float, call: dict,
     implicit = est - direct
     compare = {name: {"cos": cos(est, ref), "rel_error": rel(est, ref)} for name, ref in refs.items()}
     direct_only = {name: {"cos": cos(direct, ref), "rel_error": rel(direct, ref)} for name, ref in refs.items()}
+    implicit_vs = {name: {"cos": cos(implicit, ref - direct) if float(implicit.norm()) else None,
+                          "rel_error": rel(implicit, ref - direct)} for name, ref in refs.items()}
     between = {f"{a}~{b}": cos(refs[a], refs[b]) for i, a in enumerate(refs) for b in list(refs)[i + 1:]}
     ref_ratio = {name: float((ref - direct).norm() / direct.norm()) for name, ref in refs.items()}
     return {
-        "step": step, "estimator": upper.hypergradient.name, "estimator_repr": repr(upper.hypergradient),
+        "step": step, "estimator": upper.hypergradient.name, "estimator_repr": _describe(upper.hypergradient),
         "seconds_this_upper_step": seconds, "hessian": HESSIAN, "lanczos": ref_a["stats"], "unrolled": unrolled,
-        "replay_check": check, "estimate_vs": compare, "direct_only_vs": direct_only,
+        "replay_check": check, "estimate_vs": compare, "direct_only_vs": direct_only, "implicit_vs": implicit_vs,
         "implicit_over_direct": float(implicit.norm() / direct.norm()), "reference_implicit_over_direct": ref_ratio,
         "reference_cosines": between, "measure_seconds": time.perf_counter() - start,
     }
+
+
+# ------------------------------------------------------------------------------------------- interleaved timing
+def time_estimators(trainer: ProbeTrainer, names: Sequence[str], rounds: int) -> dict:
+    """Seconds of ``hypergradient_of`` per estimator at one point (the trainer's last lower batch, one upper batch),
+    the estimators called in turn ``rounds`` times so that a CPU shared with other jobs slows them alike; the first
+    call of each (damped_solve's cold start) is not counted. Returns per-estimator medians and the per-round ratios
+    to darts."""
+    from loralib.data import mix_seed  # noqa: PLC0415
+    from loralib.hypergradients import build_hypergradient  # noqa: PLC0415
+
+    upper, args = trainer.upper_level, trainer.args
+    original = upper.hypergradient
+    step = trainer.state.global_step
+    lower_batch = trainer._prepare_inputs(trainer._lower_batch)
+    lower_seed = mix_seed(args.seed, 0xDA475, step, 0)
+    upper_batch = trainer._prepare_inputs(trainer.upper_stream.next())
+    last = trainer.history[-1]
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    state = {"optimizer": optimizer, "last_gradient": last["grad"], "learning_rate": last["groups"][0]["lr"]}
+    estimators = {n: build_hypergradient(n, **args.hypergradient_settings()) for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    hypergradient_of = type(upper).hypergradient_of  # the class's, not the probe's timed wrapper
+    try:
+        for r in range(rounds + 1):
+            for n in names:
+                upper.hypergradient = estimators[n]
+                start = time.perf_counter()
+                hypergradient_of(upper, upper_batch, trainer.upper_stream.batch_seed, lower_batch, lower_seed,
+                                 **(state if n == "sama" else {}))
+                if r:
+                    seconds[n].append(time.perf_counter() - start)
+    finally:
+        upper.hypergradient = original
+    out = {"rounds": rounds, "median_seconds": {n: statistics.median(t) for n, t in seconds.items()},
+           "seconds": seconds}
+    if "darts" in seconds:
+        out["median_ratio_to_darts"] = {n: statistics.median(a / b for a, b in zip(t, seconds["darts"]))
+                                        for n, t in seconds.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- the study
@@ -460,15 +513,17 @@ def table(record: dict) -> str:
         "unrolled_KK = exact derivative through the last K lower AdamW steps the Trainer took (float64 replay). "
         "Estimates are read at the Trainer's upper step of the probed step (after the lower step, before λ moves). "
         "'direct' = the direct term alone (first-order), computed in the same run.", "",
-        "| estimator | step | ref | cos | rel. err | direct-only cos | ‖impl‖/‖dir‖ est | ‖impl‖/‖dir‖ ref | "
-        "s / upper step (median) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| estimator | step | ref | cos | rel. err | implicit cos | direct-only cos | ‖impl‖/‖dir‖ est | "
+        "‖impl‖/‖dir‖ ref | s / upper step (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in record["runs"].items():
         for step, p in sorted(run.get("probes", {}).items(), key=lambda kv: int(kv[0])):
             for ref, c in p["estimate_vs"].items():
+                icos = p.get("implicit_vs", {}).get(ref, {}).get("cos")
                 lines.append(
                     f"| {name} | {step} | {ref} | {c['cos']:.3f} | {c['rel_error']:.3f} | "
+                    f"{'–' if icos is None else f'{icos:.3f}'} | "
                     f"{p['direct_only_vs'][ref]['cos']:.3f} | {p['implicit_over_direct']:.3f} | "
                     f"{p['reference_implicit_over_direct'][ref]:.3f} | "
                     f"{run.get('upper_seconds_median', float('nan')):.2f} |")
@@ -483,6 +538,14 @@ def table(record: dict) -> str:
             lines.append(f"| {name} | {step} | {lz['lambda_min']:.4g} | {lz['lambda_max']:.4g} | {lz['iterations']} | "
                          f"{lz['lambda_min_relative_bound']:.1e} | {res} | "
                          f"{chk.get('max_theta_rel_error', float('nan')):.1e} | {unr} |")
+    if record.get("timing"):
+        t = record["timing"]
+        lines += ["", f"Interleaved timing ({t['rounds']} rounds at step {t['at_step']} of a {t['trained_with']} run, "
+                  "same batches; seconds of one hypergradient_of call, median; median per-round ratio to darts):", "",
+                  "| estimator | s / upper step | ratio to darts |", "|---|---|---|"]
+        for n, sec in t["median_seconds"].items():
+            ratio = t.get("median_ratio_to_darts", {}).get(n, float("nan"))
+            lines.append(f"| {n} | {sec:.2f} | {ratio:.2f} |")
     if record.get("notes"):
         lines += ["", *[f"* {n}" for n in record["notes"]]]
     return "\n".join(lines) + "\n"
@@ -504,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--merge", action="store_true",
                    help="add to the record in --out (runs already there are kept, not run again)")
+    p.add_argument("--time-rounds", type=int, default=0,
+                   help="instead of probing: train --at's first step with darts, then time every estimator in "
+                        "--estimators at that point, interleaved, this many rounds (into the record's 'timing')")
     p.add_argument("--note", action="append", default=[], help="a line for the record's notes (repeatable)")
     p.add_argument("--measured-delta", type=float, default=None,
                    help="δ for damped_solve@measured (default: 2|λ_min| at the first probe of the damped_solve run, "
@@ -539,8 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     probes = record["runs"].get("damped_solve", {}).get("probes")
     if measured_delta is None and probes:
         measured_delta = probes[min(probes, key=int)]["lanczos"]["damping_lambda"]
-    for name in names:
-        if name in record["runs"]:
+    if args.time_rounds:
+        names = [n for n in names if "@" not in n]
+    for name in names if not args.time_rounds else ["darts"]:
+        if name in record["runs"] and not args.time_rounds:
             continue
         if name == "damped_solve@measured":
             if measured_delta is None:
@@ -557,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         plan_ = run_glue.prepare(*groups)
         collate = run_glue.GlueCollator.from_tokenizer(plan_.tokenizer, max_length=data_args.max_length)
         run = {"flags": estimator_flags(name, measured_delta), "probes": {}}
-        record["runs"][name] = run
+        if not args.time_rounds:
+            record["runs"][name] = run
         if name == "damped_solve@measured":
             run["delta_choice"] = ("δ = 2|λ_min| measured by this script at the first probe of the damped_solve "
                                    "(δ = 1) run of the same setting and seed: chosen from a measurement on the same "
@@ -579,10 +648,18 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
 
         trainer = ProbeTrainer(model=plan_.model, args=targs, train_dataset=plan_.data["train"],
-                               data_collator=collate, at=at, keep=max(unroll), probe=probe,
-                               callbacks=[StopAfter(max(at))])
+                               data_collator=collate, at=() if args.time_rounds else at, keep=max(unroll),
+                               probe=probe, callbacks=[StopAfter(min(at) if args.time_rounds else max(at))])
         start = time.perf_counter()
         trainer.train()
+        if args.time_rounds:
+            timing = time_estimators(trainer, names, args.time_rounds)
+            record["timing"] = {"at_step": trainer.state.global_step, "trained_with": name, **timing}
+            atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+            if args.table:
+                atomic_write_text(args.table, table(record))
+            print(json.dumps(record["timing"], indent=2))
+            return 0
         run["train_seconds_with_probes"] = time.perf_counter() - start
         run["upper_seconds_median"] = statistics.median(trainer.upper_seconds)
         run["upper_seconds_mean"] = statistics.fmean(trainer.upper_seconds)
