@@ -47,7 +47,7 @@ from .checkpoints import (
 )
 from .data import BatchStream, mix_seed, split_indices
 from .gradients import world
-from .hypergradients import build_hypergradient
+from .hypergradients import ESTIMATORS, build_hypergradient
 from .model import (
     capture_norm_terms,
     direction_parameters,
@@ -219,7 +219,7 @@ class BiDoRATrainer(Trainer):
         named = [f"{k} ({why})" for k, (bad, why) in reasons.items() if bad]
         if named:
             raise ValueError(f"BiDoRATrainer does not support {'; '.join(named)} for BiDoRA")
-        if _reentrant_checkpointing(self.model) and self._estimator_class().second_order:
+        if _reentrant_checkpointing(self.model) and ESTIMATORS[args.hypergradient].second_order:
             raise ValueError(
                 f"hypergradient={args.hypergradient!r} differentiates the lower loss twice, which reentrant activation "
                 "checkpointing cannot do: set activation_checkpointing_kwargs={'use_reentrant': False} (or "
@@ -227,15 +227,10 @@ class BiDoRATrainer(Trainer):
                 "first_order, damped_solve)"
             )
 
-    def _estimator_class(self):
-        from .hypergradients import ESTIMATORS
-
-        return ESTIMATORS[self.args.hypergradient]
-
     def _inner_training_loop(self, *args, **kwargs):
         """One training attempt (``auto_find_batch_size`` may make several): BiDoRA's magnitudes are frozen for the
         lower level for its duration (the Trainer's optimiser, clipping and DDP never see them), then put back."""
-        if self.method not in ("bidora",):
+        if self.method != "bidora":
             return super()._inner_training_loop(*args, **kwargs)
         if self.bilevel:
             self._check_supported()

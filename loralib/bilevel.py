@@ -39,10 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import seeded_rng
 from .gradients import gradients, mean_over_processes, zeros_for_none
-from .hypergradients import ESTIMATORS, Hypergradient, LowerProblem
+from .hypergradients import Hypergradient, LowerProblem
 from .model import magnitudes_trainable
-
-HYPERGRADIENTS = tuple(ESTIMATORS)
 
 # Betty logs problem information at INFO on stdout; the Trainer does the logging.
 betty_logger().setLevel(logging.WARNING)

@@ -377,13 +377,17 @@ def _missing_trained(model: nn.Module, saved: set[str]) -> list[str]:
                   if not any(n in saved for n in group) and not all(n in frozen for n in group))
 
 
+def _coverage(model: nn.Module, saved: set[str]) -> tuple[list[str], list[str]]:
+    """``(unexpected, missing)``: saved names that ``model`` lacks, and trained parameters ``saved`` does not hold."""
+    return sorted(saved - set(model.state_dict())), _missing_trained(model, saved)
+
+
 def _compare_tensors(folder: Path, weights: Path, shapes: dict[str, list[int]], model: nn.Module) -> None:
     state = model.state_dict()
-    unexpected = sorted(set(shapes) - set(state))
+    unexpected, missing = _coverage(model, set(shapes))
     if unexpected:
         raise CheckpointError(f"{weights} holds {len(unexpected)} tensors this model lacks (e.g. {unexpected[0]}): "
                               "it was written for another method, target set or model")
-    missing = _missing_trained(model, set(shapes))
     if missing:
         raise CheckpointError(f"{weights} lacks {len(missing)} tensors this model trains (e.g. {missing[0]}): it was "
                               "written for another method, target set or model")
@@ -528,12 +532,10 @@ def _load_weights(model: nn.Module, source: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         tensors.update(read_safetensors(path)[0])
-    state = model.state_dict()
-    unexpected = sorted(set(tensors) - set(state))
+    unexpected, missing = _coverage(model, set(tensors))
     if unexpected:
         raise CheckpointError(f"{weights} holds tensors this model lacks (e.g. {unexpected[0]}): pass the "
                               "model_class and base the run used")
-    missing = _missing_trained(model, set(tensors))
     if missing:
         raise CheckpointError(f"{weights} lacks {len(missing)} tensors the model trains (e.g. {missing[0]})")
     model.load_state_dict(tensors, strict=False)
