@@ -84,7 +84,7 @@ TRAJECTORY = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1"
               "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "upper_fraction",
               "heldout_fraction",
               "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient", "unroll_steps",
-              "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations", "orth_reg")
+              "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations", "damped_solve_damping", "orth_reg")
 
 
 @dataclass

@@ -145,6 +145,28 @@ ARMS = {a.name: a for a in (*CORE_ARMS, *SENSITIVITY_ARMS)}
 # arm changes. It runs before N = 2000, which does not fit the 9-hour budget.
 CONFIRMATION = (ACP, 200, (ARMS["bidora-upper_lr=x10"],))
 
+# The estimator comparison (issue 19, item 5), stated on 2026-12-02 before any of its cells ran: does a hypergradient
+# closer to the implicit one change the answer? SAMA (the one-step Adam Jacobian on the Trainer's AdamW state) and
+# damped_solve (a warm-started solve of (H + delta I) z = v) against darts, first_order and DoRA of the same seeds,
+# at Rotten Tomatoes N = 200 and ACP N = 200, every cell run again at one commit (kept apart under
+# results/estimators, so the study's recorded cells stay as they were). delta = 4 is taken from the probe
+# (assets/study/hypergradient_probe.md): twice the most negative eigenvalue of the training-mode lower Hessian
+# measured at step 125 (2 x 1.84 = 3.7, rounded up), so that H + delta I is positive definite on that run; it is
+# not tuned on any result. An estimator "wins" only if its 95% paired bootstrap interval against DoRA and against
+# darts excludes 0 on both datasets. Order: seed by seed, the cheap DoRA cell first, so a comparison cut short has
+# every arm at the same seeds.
+DAMPED_SOLVE_DAMPING = 4.0
+ESTIMATOR_ARMS = (
+    _sensitivity("hypergradient", "sama", "--hypergradient", "sama"),
+    _sensitivity("hypergradient", "damped_solve", "--hypergradient", "damped_solve", "--damped_solve_damping",
+                 f"{DAMPED_SOLVE_DAMPING:g}"),
+)
+ARMS.update({a.name: a for a in ESTIMATOR_ARMS})
+ESTIMATOR_COMPARISON = (
+    (RT, 200, (DORA, BIDORA, *ESTIMATOR_ARMS, ARMS["bidora-hypergradient=first_order"])),
+    (ACP, 200, (DORA, BIDORA, *ESTIMATOR_ARMS, ARMS["bidora-hypergradient=first_order"])),
+)
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -154,7 +176,7 @@ class Cell:
     size: int
     arm: Arm
     seed: int
-    group: str = "curve"  # curve | sensitivity | confirmation
+    group: str = "curve"  # curve | sensitivity | confirmation | estimators
 
     @property
     def id(self) -> str:
@@ -211,7 +233,8 @@ def _seed_major(dataset: Dataset, size: int, arms, seeds, group: str) -> list[Ce
 
 
 def build_study(name: str = "full", seeds=range(5)) -> Study:
-    """The cells of ``full`` (the study), ``quick`` (one size, 2 seeds, the core arms; ≤ 15 min on 2 cores) or
+    """The cells of ``full`` (the study), ``estimators`` (``ESTIMATOR_COMPARISON``, seed by seed), ``quick`` (one
+    size, 2 seeds, the core arms; ≤ 15 min on 2 cores) or
     ``smoke`` (seconds; the test suite's), in the order they run.
 
     Order of ``full``: the core arms on Rotten Tomatoes at N = 200, on ACP at 200 and all 619, Rotten Tomatoes at
@@ -230,11 +253,14 @@ def build_study(name: str = "full", seeds=range(5)) -> Study:
                  + _seed_major(RT, 1000, CORE_ARMS, seeds, "curve")
                  + _seed_major(*CONFIRMATION, seeds, "confirmation")
                  + _seed_major(RT, 2000, CORE_ARMS, seeds, "curve"))
+    elif name == "estimators":
+        cells = [Cell(dataset, size, arm, seed, "estimators") for seed in seeds
+                 for dataset, size, arms in ESTIMATOR_COMPARISON for arm in arms]
     elif name == "quick":
         cells = _seed_major(ACP, 200, CORE_ARMS, seeds[:2], "curve")
     elif name == "smoke":
         cells = _seed_major(SMOKE, 48, CORE_ARMS, seeds[:1], "curve") + _seed_major(
             SMOKE, 48, [ARMS["bidora-hypergradient=first_order"]], seeds[:1], "sensitivity")
     else:
-        raise ValueError(f"unknown study {name!r}: full, quick or smoke")
+        raise ValueError(f"unknown study {name!r}: full, estimators, quick or smoke")
     return Study(name, cells)

@@ -6,6 +6,7 @@
     python examples/study/run_study.py --only 'rt-n200/*' --max-hours 2
     python examples/study/run_study.py --device cuda    # on a GPU machine (results kept apart: results/study/cuda)
     python examples/study/run_study.py --smoke          # seconds; writes under runs/study_smoke (the tests')
+    python examples/study/run_study.py --estimators     # the hypergradient comparison (~6 h; results/estimators)
 
 A cell is done when ``RESULTS/<device>/<cell id>/cell.json`` exists (written last, next to the run's ``results.json``
 and ``log.csv``): finished cells are skipped, so the same command picks up a killed study where it stopped. A cell
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--quick", action="store_const", const="quick", dest="study", help="one size, 2 seeds")
+    kind.add_argument("--estimators", action="store_const", const="estimators", dest="study",
+                      help="the hypergradient comparison (plan.ESTIMATOR_COMPARISON; results/estimators)")
     kind.add_argument("--smoke", action="store_const", const="smoke", dest="study", help="seconds (the tests')")
     p.set_defaults(study="full")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1 (default 5; --quick uses the first 2)")
@@ -296,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     smoke = ROOT / "runs" / "study_smoke"
-    args.results = args.results or (smoke / "results" if args.study == "smoke" else ROOT / "results" / "study")
-    args.work = args.work or (smoke / "work" if args.study == "smoke" else ROOT / "runs" / "study")
+    own = {"smoke": (smoke / "results", smoke / "work"),
+           "estimators": (ROOT / "results" / "estimators", ROOT / "runs" / "estimators")}
+    default_results, default_work = own.get(args.study, (ROOT / "results" / "study", ROOT / "runs" / "study"))
+    args.results = args.results or default_results
+    args.work = args.work or default_work
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
