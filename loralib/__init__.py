@@ -57,14 +57,21 @@ _EXPORTS = {
     "print_trainable_parameters": "runtime",
     "refresh": "runtime",
     "BiDoRATrainer": "bidora_trainer",
+    "AdapterCheckpointMixin": "trainer_checkpoints",
+    "AdapterTrainer": "trainer_checkpoints",
     "BiDoRATrainingArguments": "training_args",
     "build_hypergradient": "hypergradients",
+    # TRL's SFTTrainer (optional: needs trl, so left out of __all__ and `from loralib import *`)
+    "BiDoRASFTConfig": "sft",
+    "BiDoRASFTTrainer": "sft",
 }
 
 __all__ = [
+    "AdapterCheckpointMixin",
     "AdapterConfig",
     "AdapterLayer",
     "AdapterSummary",
+    "AdapterTrainer",
     "BiDoRAConv1D",
     "BiDoRALinear",
     "BiDoRATrainer",
@@ -162,4 +169,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     )
     from .peft_compat import export_peft, load_peft_adapter
     from .runtime import disable_adapters, print_trainable_parameters, refresh
+    from .sft import BiDoRASFTConfig as BiDoRASFTConfig  # optional (trl): not in __all__
+    from .sft import BiDoRASFTTrainer as BiDoRASFTTrainer
+    from .trainer_checkpoints import AdapterCheckpointMixin, AdapterTrainer
     from .training_args import BiDoRATrainingArguments

@@ -14,7 +14,10 @@ magnitudes for the lower level and refuses settings the upper step cannot honour
 attempt: its schedule spans the same run, its batch follows the train batch), ``call_model_init`` (``model_init`` /
 hyperparameter search), ``log`` (adds the upper loss and learning rate), and the checkpoint pair
 ``_save_optimizer_and_scheduler`` / ``_load_optimizer_and_scheduler`` (the upper optimiser, schedule, data position
-and hypergradient state; transformers' trl uses the same pair).
+and hypergradient state; transformers' trl uses the same pair). Checkpoints of the trainable state only, their
+checks before a resume, the run record and the stop at ``max_steps`` come from
+:class:`loralib.trainer_checkpoints.AdapterCheckpointMixin` (MRO: ``BiDoRATrainer -> AdapterCheckpointMixin ->
+Trainer``), shared with :class:`loralib.AdapterTrainer`.
 
 The upper loss and every lower-loss evaluation inside a hypergradient are the user's training loss:
 ``self.compute_loss`` (a subclass's override, ``compute_loss_func``, label smoothing), called on a copy of the batch,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,19 +40,12 @@ from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainerCallback, get_scheduler
 
 from .bilevel import LowerLevel, UpperLevel
-from .checkpoints import (
-    base_fingerprint,
-    check_optimizer_groups,
-    frozen_keys,
-    last_complete_checkpoint,
-    run_record,
-    validate_checkpoint,
-    write_run_record,
-)
+from .checkpoints import last_complete_checkpoint  # noqa: F401  (scripts import it from here)
 from .data import BatchStream, mix_seed, split_indices
 from .gradients import world
 from .hypergradients import ESTIMATORS, build_hypergradient
 from .model import (
+    adapter_layers,
     capture_norm_terms,
     direction_parameters,
     get_adapter_config,
@@ -56,6 +53,7 @@ from .model import (
     magnitudes_trainable,
     orthogonality_penalty,
 )
+from .trainer_checkpoints import AdapterCheckpointMixin
 from .training_args import BiDoRATrainingArguments
 
 BILEVEL_STATE = "bilevel_state.pt"
@@ -67,7 +65,7 @@ _RECORDED_STATE = ("_metrics", "_total_train_tokens")
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
 
 
-class BiDoRATrainer(Trainer):
+class BiDoRATrainer(AdapterCheckpointMixin, Trainer):
     """A ``transformers.Trainer`` for BiDoRA (and, unchanged, for LoRA / DoRA / full fine-tuning baselines).
 
     Args:
@@ -209,7 +207,9 @@ class BiDoRATrainer(Trainer):
             "gradient_accumulation_steps > 1": (args.gradient_accumulation_steps > 1,
                                                 "one upper step follows each optimiser step of one batch"),
             "deepspeed": (bool(args.deepspeed), "the upper step differentiates the unsharded model"),
-            "fsdp": (bool(args.fsdp), "the upper step differentiates the unsharded model"),
+            "fsdp": (bool(args.fsdp), "the Trainer's FSDP path is untested with BiDoRA; loralib.bilevel itself runs "
+                                      "on FSDP2-sharded models with first_order, darts, sama or damped_solve: see "
+                                      "docs/hypergradients.md, 'Sharded models'"),
             "fp16": (bool(args.fp16), "the upper step has no loss scaling, so its small gradients would underflow; "
                                       "use bf16=True or full precision"),
             "use_liger_kernel": (bool(args.use_liger_kernel),
@@ -289,6 +289,7 @@ class BiDoRATrainer(Trainer):
             world_size=size,
         )
         self._lower_optimizer_state = {}
+        _warn_half_precision_base(model, args.hypergradient)
 
     def _model_columns(self, dataset):
         """For a ``datasets.Dataset``, only the columns the model's forward takes (as the Trainer does)."""
@@ -297,38 +298,6 @@ class BiDoRATrainer(Trainer):
         accepted = set(inspect.signature(self.model.forward).parameters) | set(_LABEL_COLUMNS)
         unused = [c for c in dataset.column_names if c not in accepted]
         return dataset.remove_columns(unused) if unused else dataset
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        """``Trainer.train``, checking before it trusts a checkpoint.
-
-        ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint
-        (:func:`last_complete_checkpoint`), skipping one that a killed run left half written. The checkpoint is
-        validated before anything is loaded (:func:`loralib.checkpoints.validate_checkpoint`: damaged or missing
-        files, another method, rank, target set or base model each raise a
-        :class:`~loralib.checkpoints.CheckpointError` naming the file or setting). A run whose checkpoint is at
-        ``max_steps`` is finished: resuming it trains no further step. At train start the run
-        records its base model in ``output_dir/loralib_run.json`` (and in every checkpoint).
-        """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
-        if resume_from_checkpoint:
-            resume_from_checkpoint = str(resume_from_checkpoint)
-            validate_checkpoint(resume_from_checkpoint, self.model, method=self.method, bilevel=self.bilevel,
-                                optimizer=not (self.args.deepspeed or self.args.fsdp),
-                                fingerprint=self._base_fingerprint())
-        if self.args.should_save:
-            write_run_record(self.args.output_dir, self._run_record())
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-
-    def _run_epoch(self, *args, **kwargs):
-        # transformers resumes the epoch of a checkpoint at max_steps and trains one step past it whenever max_steps
-        # is not a multiple of the steps per epoch: a run at max_steps is finished
-        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
 
     # ---- losses ------------------------------------------------------------------------------------------------
     @contextmanager
@@ -424,54 +393,18 @@ class BiDoRATrainer(Trainer):
             self._upper_losses = []
         super().log(logs, start_time)
 
-    # ---- checkpoints: the trainable state only, and the upper level's next to the Trainer's optimiser ---------
-    def _base_fingerprint(self) -> dict | None:
-        """:func:`loralib.checkpoints.base_fingerprint` of the current model (computed once per model)."""
-        cached = getattr(self, "_fingerprint_cache", None)
-        if cached is None or cached[0] is not self.model:
-            cached = (self.model, base_fingerprint(self.model))
-            self._fingerprint_cache = cached
-        return cached[1]
+    # ---- checkpoints: the trainable state only (AdapterCheckpointMixin), the upper level's next to the optimiser -
+    def _run_method(self) -> tuple[str, bool]:
+        """``(method, bilevel)`` that a resumed checkpoint must have been written with."""
+        return self.method, self.bilevel
 
-    def _run_record(self) -> dict:
+    def _run_record_extra(self) -> dict:
         args = self.args
         split = {"upper_fraction": args.upper_fraction if self.bilevel else None,
                  "heldout_fraction": None if self.bilevel else args.heldout_fraction,
                  "upper_dataset": self.upper_dataset is not None, "retrain": self.retrain}
-        return run_record(self.model, method=self.method, bilevel=self.bilevel, fingerprint=self._base_fingerprint(),
-                          extra={"split": split, "max_steps": args.max_steps,
-                                 "hypergradient": args.hypergradient if self.bilevel else None})
-
-    def _save_checkpoint(self, model, trial) -> None:
-        self._writing_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._writing_checkpoint = False
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """In a checkpoint of an adapted model, only what training changes (adapters, magnitudes, head, merge
-        state): the frozen base is the pretrained model's, and a checkpoint of RoBERTa-large would otherwise hold it
-        every time. ``save_model`` outside checkpoints writes the whole model (``loralib.from_pretrained`` loads it).
-        Both write ``loralib_run.json`` (the base the run used) next to the weights.
-        """
-        frozen = self._frozen_keys() if getattr(self, "_writing_checkpoint", False) and state_dict is None else None
-        if frozen:
-            state_dict = {k: v for k, v in self.model.state_dict().items() if k not in frozen}
-        super()._save(output_dir, state_dict=state_dict)
-        if self.args.should_save:
-            write_run_record(output_dir if output_dir is not None else self.args.output_dir, self._run_record())
-
-    def _frozen_keys(self) -> set[str]:
-        """State-dict keys of the frozen pretrained weights of an adapted model, tied aliases included (empty for
-        full fine-tuning): :func:`loralib.checkpoints.frozen_keys`."""
-        return frozen_keys(self.model)
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        # a checkpoint without the frozen base is complete: only other missing keys are worth a warning
-        frozen = self._frozen_keys()
-        load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in frozen]
-        super()._issue_warnings_after_load(load_result)
+        return {"split": split, **super()._run_record_extra(),
+                "hypergradient": args.hypergradient if self.bilevel else None}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -487,9 +420,7 @@ class BiDoRATrainer(Trainer):
             torch.save(state, os.path.join(output_dir, BILEVEL_STATE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is not None and self.optimizer is not None and not (self.args.deepspeed or self.args.fsdp):
-            check_optimizer_groups(Path(checkpoint) / "optimizer.pt", self.optimizer)
-        super()._load_optimizer_and_scheduler(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)  # the mixin checks optimizer.pt's parameter groups first
         if not (self.bilevel and checkpoint is not None):
             return
         path = Path(checkpoint) / BILEVEL_STATE
@@ -542,6 +473,23 @@ def _refuse_test_selection(metric: str | None, evals: dict) -> None:
     if split.startswith("test"):
         raise ValueError(f"metric_for_best_model={metric!r} selects the model on the test split {split!r}, which makes "
                          "its test score optimistic: select on the held-out split (heldout_<metric>) or a dev split")
+
+
+def _warn_half_precision_base(model: nn.Module, hypergradient: str) -> None:
+    """The implicit terms are finite differences of gradients along v: on a bf16 / fp16 base (the adapters in fp32)
+    they drown in the base's rounding. Measured on SmolLM2-135M (DoRA r 8 on q/v, same state and batches): darts'
+    implicit term from a bf16 base has cosine 0.27 with the float32 one, and 0.16 between step sizes ε and 2ε (float32:
+    0.99999996); the plain gradient still agrees (0.9989)."""
+    if hypergradient == "first_order":
+        return
+    half = {layer.base_weight().dtype for _, layer in adapter_layers(model)} & {torch.bfloat16, torch.float16}
+    if half:
+        warnings.warn(
+            f"the adapted base weights are {', '.join(sorted(str(d) for d in half))}: hypergradient={hypergradient!r} "
+            "takes finite differences of gradients, which a half-precision base turns mostly into rounding noise "
+            "(examples/NLG/README.md); load the base in float32 for BiDoRA, or use hypergradient='first_order'",
+            stacklevel=3,
+        )
 
 
 def _reentrant_checkpointing(model: nn.Module) -> bool:

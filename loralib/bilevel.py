@@ -35,6 +35,7 @@ from betty.configs import Config
 from betty.logging.logger_base import get_logger as betty_logger
 from betty.problems import ImplicitProblem
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import seeded_rng
@@ -52,6 +53,19 @@ class _Parameters(nn.Module):
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
         super().__init__()
         self.params = nn.ParameterList(params)
+
+
+def _check_sharded(hypergradient: Hypergradient, by_backward: bool) -> None:
+    """FSDP2-sharded parameters (``DTensor``) are reached by ``backward()`` only: ``torch.autograd.grad`` returns None
+    for them, which would make every gradient silently zero."""
+    if hypergradient.second_order:
+        raise ValueError(
+            f"hypergradient={hypergradient.name!r} differentiates the lower loss twice through torch.autograd.grad, "
+            "which does not reach FSDP2-sharded parameters (FSDP2 reaches them only through backward()); use "
+            "first_order, darts, sama or damped_solve (first-order gradients only) with a sharded model")
+    if not by_backward:
+        raise ValueError("the model's parameters are FSDP2-sharded (DTensor): torch.autograd.grad does not reach "
+                         "them; build the UpperLevel with by_backward=True (and leaves=every other trainable leaf)")
 
 
 class LowerLevel(ImplicitProblem):
@@ -111,7 +125,11 @@ class UpperLevel(ImplicitProblem):
         hypergradient: an estimator of :mod:`loralib.hypergradients` (``build_hypergradient``).
         optimizer, scheduler: λ's optimiser and schedule (one scheduler step per upper step).
         by_backward: take first-order gradients through ``backward()`` into ``.grad`` (reentrant activation
-            checkpointing); ``leaves`` are then every other trainable leaf, whose ``.grad`` is put back.
+            checkpointing, FSDP2); ``leaves`` are then every other trainable leaf, whose ``.grad`` is put back.
+
+    Raises:
+        ValueError: FSDP2-sharded parameters (``DTensor``) with ``by_backward=False`` or a second-order estimator
+            (``autograd.grad`` does not reach them).
     """
 
     def __init__(
@@ -131,6 +149,8 @@ class UpperLevel(ImplicitProblem):
         self.model, self._params, self._task_loss, self.lower = model, list(params), task_loss, lower
         self.hypergradient, self.by_backward, self._leaves = hypergradient, by_backward, list(leaves)
         self._strategy, self.device = "default", lower.device
+        if any(isinstance(p, DTensor) for p in self._params + lower.trainable_parameters()):
+            _check_sharded(hypergradient, by_backward)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._params

@@ -1,4 +1,6 @@
-"""Checkpoints of :class:`loralib.BiDoRATrainer`: what a run records, the checks before a resume, loading one.
+"""Checkpoints of :class:`loralib.BiDoRATrainer`, :class:`loralib.AdapterTrainer` and any Trainer with
+:class:`loralib.AdapterCheckpointMixin` (TRL's ``SFTTrainer`` too): what a run records, the checks before a resume,
+loading one.
 
 A checkpoint of an adapted model holds only what training changes (adapters, magnitudes, ``modules_to_save``,
 merge state, buffers): the frozen pretrained weights are the base model's. So every run records its base, at train
@@ -441,7 +443,8 @@ def _model_class(name: str | None):
 
 def load_checkpoint(folder: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None,
                     model_class: type | None = None, **kwargs) -> nn.Module:
-    """The trained model of a :class:`~loralib.BiDoRATrainer` checkpoint folder, or of a finished run's folder
+    """The trained model of a checkpoint folder of a trainer with :class:`~loralib.AdapterCheckpointMixin`
+    (:class:`~loralib.BiDoRATrainer`, :class:`~loralib.AdapterTrainer`), or of a finished run's folder
     (its ``save_model`` weights, else its newest complete checkpoint, else run_glue's ``adapter/``).
 
     Args:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 __all__ = ["gradients", "mean_over_processes", "world", "zeros_for_none"]
 
@@ -25,14 +26,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _engine_reduced(t: torch.Tensor) -> bool:
+    """A ``DTensor``: the gradient of a sharded parameter, which the sharding engine has already reduced (FSDP2's
+    reduce-scatter averages over the data-parallel processes); each process holds its own shard of it."""
+    return isinstance(t, DTensor)
+
+
 def mean_over_processes(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """The element-wise mean of ``tensors`` over the processes of a data-parallel run (unchanged in one process)."""
+    """The element-wise mean of ``tensors`` over the processes of a data-parallel run (unchanged in one process).
+
+    ``DTensor`` entries (gradients of FSDP2-sharded parameters: already averaged by FSDP's reduce-scatter, and each
+    process holds a different shard) pass through unchanged.
+    """
     _, size = world()
     if size == 1:
         return list(tensors)
     out = []
     for t in tensors:
-        if t is not None:
+        if t is not None and not _engine_reduced(t):
             t = t.detach().clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t.div_(size)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch.distributed.tensor import DTensor
 
 Tensors = list[torch.Tensor]
 
@@ -104,11 +105,18 @@ class LowerProblem:
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A reduction of sharded tensors as a whole: a ``DTensor`` result (FSDP2 shards; a sum over shards is a
+    ``Partial``, whose ``float()`` is this process's share only) made whole; a plain tensor unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
-    """Σ⟨x, y⟩ accumulated in float64, as a Python float (identical on every process for identical inputs)."""
+    """Σ⟨x, y⟩ accumulated in float64, as a Python float (identical on every process for identical inputs; over the
+    whole tensors when they are FSDP2 shards)."""
     total = 0.0
     for x, y in zip(xs, ys):
-        total += float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()))
+        total += float(_whole(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())))
     return total
 
 
@@ -239,7 +247,7 @@ class Neumann(Hypergradient):
 
 
 def _tensor_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(xs, ys))
+    return sum(_whole((x * y).sum()) for x, y in zip(xs, ys))
 
 
 class ConjugateGradient(Hypergradient):

@@ -113,8 +113,15 @@ def write_run(root: Path, method: str, kinds=("query", "value"), dtype=torch.flo
             save_file(tensors, str(d / "target_weights.safetensors"))
         else:
             save_file(tensors, str(d / "adapter_model.safetensors"))
-            (d / "adapter_config.json").write_text(json.dumps({"scaling": SCALING, "config": {"method": method}}))
+            (d / "adapter_config.json").write_text(json.dumps(adapter_config(method, kinds)))
     return root
+
+
+def adapter_config(method: str, kinds=("query", "value")) -> dict:
+    """loralib's first adapter format (version 1), which loralib.read_adapter_config still reads."""
+    return {"format": "loralib-adapter", "version": 1, "config": {"method": method}, "scaling": SCALING,
+            "base_model_class": "RobertaModel",
+            "adapted_modules": {module(layer, kind): [OUT, IN] for layer in LAYERS for kind in kinds}}
 
 
 @pytest.mark.parametrize("method", ["dora", "bidora", "lora", "ft"])
@@ -207,7 +214,7 @@ def test_bad_runs_fail_clearly(tmp_path):
 
     run2 = write_run(tmp_path / "r2", "dora")
     cfg = run2 / "snapshots" / "step_10" / "adapter_config.json"
-    cfg.write_text(json.dumps({"scaling": SCALING, "config": {"method": "lora"}}))
+    cfg.write_text(json.dumps(adapter_config("lora")))
     with pytest.raises(ValueError, match="magnitude vector in a LoRA"):
         analyse_run(run2)
 
@@ -257,3 +264,28 @@ def test_cli_from_another_directory(tmp_path):
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no snapshots" in bad.stderr
+
+
+def test_adapters_saved_by_loralib_are_read_through_its_loader(tmp_path):
+    """A run whose snapshots loralib wrote (its current format): ΔM and ΔD equal the definitions on the live layers."""
+    from transformers import BertConfig, BertModel
+
+    import loralib
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16))
+    loralib.apply_adapters(model, loralib.AdapterConfig(method="dora", r=2, lora_alpha=4, target_modules=["query"]))
+    snap = tmp_path / "run" / "snapshots"
+    loralib.save_target_weights(model, snap / "base_weights.safetensors")
+    with torch.no_grad():
+        for _, layer in loralib.adapter_layers(model):
+            layer.lora_B.normal_()
+            layer.magnitude.mul_(1.1)
+    loralib.save_adapters(model, snap / "step_5")
+    (row,) = analyse_run(tmp_path / "run").rows
+    (_, layer), = loralib.adapter_layers(model)
+    w0 = layer.base_weight().detach().double()
+    v = w0 + layer.scaling * (layer.lora_B.detach().double() @ layer.lora_A.detach().double())
+    expected = magnitude_direction_change(w0.numpy(), v.numpy(), layer.magnitude.detach().double().numpy())
+    assert (row["dM"], row["dD"]) == pytest.approx(expected, rel=1e-6)

@@ -166,6 +166,26 @@ def test_baselines_train_as_under_a_plain_trainer(tmp_path, method):
 
 
 
+@pytest.mark.parametrize("hypergradient", ["darts", "first_order"])
+def test_half_precision_base_warns_for_finite_difference_hypergradients(tmp_path, hypergradient):
+    """A bf16 base turns darts-like finite differences into rounding noise (measured on SmolLM2): said once at the
+    start; first_order takes no difference and is not warned about."""
+    import warnings
+
+    model = tiny_roberta(seed=0, dtype=torch.bfloat16)
+    loralib.apply_adapters(model, loralib.AdapterConfig(method="bidora", r=4, target_modules=["query", "value"],
+                                                        modules_to_save=["classifier"]))
+    trainer = BiDoRATrainer(model=model, args=args(tmp_path, max_steps=1, hypergradient=hypergradient),
+                            train_dataset=Tokens())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "half-precision base" in str(w.message)]
+    assert len(said) == (1 if hypergradient == "darts" else 0), said
+    if said:
+        assert "torch.bfloat16" in said[0] and "hypergradient='darts'" in said[0]
+
+
 def test_bf16_darts_differences_are_taken_in_fp32(tmp_path):
     model = adapted("bidora")
     trainer = BiDoRATrainer(model=model, args=args(tmp_path, bf16=True, max_steps=2), train_dataset=Tokens())

@@ -8,6 +8,7 @@ by the code under test.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -20,10 +21,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils import report as rp
+from utils import estimator_comparison as ec
+from utils import method_report, paper_report, results, stats, study_report
+from utils import report as cli
+from utils.paper_report import (
+    format_wilcoxon_markdown,
+    glue_average,
+    missing_runs,
+    paper_average,
+    paper_markdown,
+    plot_task_bars,
+    summarise,
+)
 from utils.paper_results import load_paper_data
-from utils.report import glue_average, missing_runs, paper_average, paper_markdown, plot_task_bars, summarise
-from utils.significance import format_wilcoxon_markdown, paired_test, wilcoxon_test
+from utils.stats import paired_test, wilcoxon_test
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "utils" / "report.py"
@@ -36,12 +47,12 @@ ABSENT = ("bidora", "sst2", 3)  # the one run we do not write
 GLUE = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]
 
 
-def collect(inputs) -> rp.Collection:
-    return rp.paper_scores(rp.load_runs(inputs))
+def collect(inputs) -> paper_report.Collection:
+    return paper_report.paper_scores(results.load_runs(inputs))
 
 
-def run_scores(path) -> list[rp.Score]:
-    return rp.run_scores(rp.load_run(path))
+def run_scores(path) -> list[paper_report.Score]:
+    return paper_report.run_scores(results.load_run(path))
 
 
 # ------------------------------------------------------------------------------------------------- method tables
@@ -82,8 +93,8 @@ def test_mean_and_sample_std_match_statistics(tmp_path):
         write_run(tmp_path, "lora", s, {"accuracy": v, "f1": v - 0.1}, wall=10.0 + s, memory=(s + 1) * 2**20)
     for s, v in enumerate(dora):
         write_run(tmp_path, "dora", s, {"accuracy": v, "f1": v - 0.1})
-    runs = rp.load_runs(tmp_path)
-    comp = rp.method_table(runs, extra_metrics=["f1"])
+    runs = results.load_runs(tmp_path)
+    comp = method_report.method_table(runs, extra_metrics=["f1"])
     rows = {r.label: r for r in comp.rows}
     assert [r.label for r in comp.rows] == ["lora", "dora"]  # paper order, not alphabetical
     assert rows["lora"].mean == pytest.approx(statistics.mean(lora))
@@ -92,24 +103,24 @@ def test_mean_and_sample_std_match_statistics(tmp_path):
     mean_f1, std_f1 = rows["lora"].extra_stats("f1")
     assert mean_f1 == pytest.approx(statistics.mean(v - 0.1 for v in lora))
     assert std_f1 == pytest.approx(statistics.stdev(v - 0.1 for v in lora))
-    summary = rp.method_json(comp)
+    summary = method_report.method_json(comp)
     lora_json = next(r for r in summary["rows"] if r["label"] == "lora")
     assert lora_json["median_wall_time_s"] == statistics.median([10.0, 11.0, 12.0, 13.0])
     assert lora_json["median_peak_memory_bytes"] == statistics.median([2**20, 2 * 2**20, 3 * 2**20, 4 * 2**20])
-    md = rp.method_markdown(comp)
+    md = method_report.method_markdown(comp)
     # Percent display with n: 100 * mean and 100 * std, two decimals.
     assert f"{100 * statistics.mean(lora):.2f} ± {100 * statistics.stdev(lora):.2f} (n=4)" in md
     assert comp.missing == {"dora": [2, 3]}
     # Asking for seeds 0 and 1 leaves the others out: lora over its first two seeds, nothing missing.
-    comp01 = rp.method_table(runs, seeds=[0, 1])
+    comp01 = method_report.method_table(runs, seeds=[0, 1])
     assert comp01.rows[0].values == lora[:2] and comp01.missing == {}
 
 
 def test_single_seed_has_no_std(tmp_path):
     write_run(tmp_path, "lora", 0, {"accuracy": 0.5})
-    comp = rp.method_table(rp.load_runs(tmp_path))
+    comp = method_report.method_table(results.load_runs(tmp_path))
     assert comp.rows[0].std is None
-    assert "50.00 (n=1)" in rp.method_markdown(comp)
+    assert "50.00 (n=1)" in method_report.method_markdown(comp)
 
 
 def test_search_only_row_uses_heldout_best_step_not_test(tmp_path):
@@ -119,36 +130,36 @@ def test_search_only_row_uses_heldout_best_step_not_test(tmp_path):
               log_rows=[(10, "search", 5.0), (30, "search", 15.5), (60, "retrain", 30.0)])
     write_run(tmp_path, "bidora", 1, {"accuracy": 0.70, "f1": 0.35}, retrain=30,
               history=bidora_history([0.9, 0.9, 0.6], [0.61, 0.99, 0.2], 0.70))  # tie: the earliest step (10)
-    comp = rp.method_table(rp.load_runs(tmp_path), extra_metrics=["f1"])
+    comp = method_report.method_table(results.load_runs(tmp_path), extra_metrics=["f1"])
     rows = {r.label: r for r in comp.rows}
-    assert [r.label for r in comp.rows] == ["bidora", rp.SEARCH_ONLY]
+    assert [r.label for r in comp.rows] == ["bidora", method_report.SEARCH_ONLY]
     assert rows["bidora"].values == [0.77, 0.70]  # the reported (retrained) model
-    search = rows[rp.SEARCH_ONLY]
+    search = rows[method_report.SEARCH_ONLY]
     assert search.selected_steps == [20, 10]
     assert search.values == [0.55, 0.61]
     assert search.extra["f1"] == [0.275, 0.305]
     assert search.wall_times_s == [15.5]  # end of the search phase from log.csv (seed 1 has no log)
-    md = rp.method_markdown(comp)
-    assert rp.SEARCH_ONLY in md and "steps [20, 10]" in md
+    md = method_report.method_markdown(comp)
+    assert method_report.SEARCH_ONLY in md and "steps [20, 10]" in md
 
 
 def test_search_only_nan_heldout_is_worst(tmp_path):
     write_run(tmp_path, "bidora", 0, {"accuracy": 0.7}, retrain=30,
               history=bidora_history([math.nan, 0.4, 0.3], [0.9, 0.1, 0.2], 0.7))
-    comp = rp.method_table(rp.load_runs(tmp_path))
-    search = next(r for r in comp.rows if r.label == rp.SEARCH_ONLY)
+    comp = method_report.method_table(results.load_runs(tmp_path))
+    search = next(r for r in comp.rows if r.label == method_report.SEARCH_ONLY)
     assert search.selected_steps == [20] and search.values == [0.1]
 
 
 def test_bidora_without_retraining_has_no_search_row(tmp_path):
     write_run(tmp_path, "bidora", 0, {"accuracy": 0.7}, history=bidora_history([0.6, 0.8, 0.7], [0.5, 0.6, 0.7], 0.7))
-    comp = rp.method_table(rp.load_runs(tmp_path))
+    comp = method_report.method_table(results.load_runs(tmp_path))
     # The helper's history has a retrain entry: the phase in history alone marks retraining.
-    assert any(r.label == rp.SEARCH_ONLY for r in comp.rows)
+    assert any(r.label == method_report.SEARCH_ONLY for r in comp.rows)
     d = tmp_path / "plain"
     write_run(d, "bidora", 0, {"accuracy": 0.7},
               history=[{"step": 10, "phase": "search", "split": "heldout", "accuracy": 0.6}])
-    comp = rp.method_table(rp.load_runs(d))
+    comp = method_report.method_table(results.load_runs(d))
     assert [r.label for r in comp.rows] == ["bidora"]
 
 
@@ -157,13 +168,13 @@ def test_missing_seeds_are_reported(tmp_path, capsys):
         write_run(tmp_path, "lora", s, {"accuracy": 0.8})
     for s in (0, 2):
         write_run(tmp_path, "dora", s, {"accuracy": 0.8})
-    comp = rp.method_table(rp.load_runs(tmp_path), methods=["lora", "dora", "bidora"])
+    comp = method_report.method_table(results.load_runs(tmp_path), methods=["lora", "dora", "bidora"])
     assert comp.expected_seeds == [0, 1, 2]
     assert comp.missing == {"dora": [1], "bidora": [0, 1, 2]}
-    md = rp.method_markdown(comp)
+    md = method_report.method_markdown(comp)
     assert "dora: seeds [1]" in md and "bidora: seeds [0, 1, 2]" in md
     out_json = tmp_path / "summary.json"
-    assert rp.main([str(tmp_path), "--methods", "lora,dora,bidora", "--seeds", "0,1,2,3", "--json",
+    assert cli.main([str(tmp_path), "--methods", "lora,dora,bidora", "--seeds", "0,1,2,3", "--json",
                     str(out_json)]) == 0
     summary = json.loads(out_json.read_text())
     assert summary["missing"] == {"lora": [3], "dora": [1, 3], "bidora": [0, 1, 2, 3]}
@@ -174,9 +185,9 @@ def test_missing_seeds_are_reported(tmp_path, capsys):
 def test_mse_is_shown_raw(tmp_path):
     for s, v in enumerate([0.31, 0.29, 0.35]):
         write_run(tmp_path, "lora", s, {"mse": v, "neg_mse": -v}, paper_metric="mse", select_metric="neg_mse")
-    comp = rp.method_table(rp.load_runs(tmp_path))
+    comp = method_report.method_table(results.load_runs(tmp_path))
     assert comp.metric == "mse"  # from paper_metric
-    md = rp.method_markdown(comp)
+    md = method_report.method_markdown(comp)
     assert f"{statistics.mean([0.31, 0.29, 0.35]):.4f} ± {statistics.stdev([0.31, 0.29, 0.35]):.4f}" in md
     assert "lower is better" in md
 
@@ -185,17 +196,17 @@ def test_bad_input_is_refused(tmp_path):
     write_run(tmp_path / "a", "lora", 0, {"accuracy": 0.8})
     write_run(tmp_path / "b", "lora", 0, {"accuracy": 0.7})
     with pytest.raises(ValueError, match="two results"):
-        rp.method_table(rp.load_runs(tmp_path))
+        method_report.method_table(results.load_runs(tmp_path))
     write_run(tmp_path / "c", "lora", 1, {"accuracy": 81.0})
     with pytest.raises(ValueError, match="not a fraction"):
-        rp.method_table(rp.load_runs(tmp_path / "c"))
+        method_report.method_table(results.load_runs(tmp_path / "c"))
     with pytest.raises(ValueError, match="no split 'validation'"):
-        rp.method_table(rp.load_runs(tmp_path / "a"), split="validation")
+        method_report.method_table(results.load_runs(tmp_path / "a"), split="validation")
     write_run(tmp_path / "d", "lora", 0, {"accuracy": 0.8}, task="one")
     write_run(tmp_path / "d", "dora", 0, {"accuracy": 0.8}, task="two")
     with pytest.raises(ValueError, match="several tasks"):
-        rp.method_table(rp.load_runs(tmp_path / "d"))
-    assert rp.main([str(tmp_path / "nothing-here")]) == 1
+        method_report.method_table(results.load_runs(tmp_path / "d"))
+    assert cli.main([str(tmp_path / "nothing-here")]) == 1
 
 
 def test_figure_written_and_nonempty(tmp_path):
@@ -205,7 +216,7 @@ def test_figure_written_and_nonempty(tmp_path):
                   history=bidora_history([0.6, 0.8, 0.7], [0.5, v, 0.7], v + 0.01))
     fig = tmp_path / "out" / "cmp.png"
     md = tmp_path / "out" / "cmp.md"
-    assert rp.main([str(tmp_path / "runs"), "--figure", str(fig), "--markdown", str(md)]) == 0
+    assert cli.main([str(tmp_path / "runs"), "--figure", str(fig), "--markdown", str(md)]) == 0
     data = fig.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000
     assert md.read_text().startswith("### toy")
@@ -214,7 +225,7 @@ def test_figure_written_and_nonempty(tmp_path):
 
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as exc:
-        rp.main(["--help"])
+        cli.main(["--help"])
     assert exc.value.code == 0
     assert "--figure" in capsys.readouterr().out
 
@@ -523,11 +534,11 @@ def test_cli_from_another_directory(grid, tmp_path):
 
 def test_paper_cli_filters_seeds_and_tasks(grid, tmp_path):
     out = tmp_path / "r.json"
-    assert rp.main([str(grid), "--paper", "--seeds", "1,2", "--tasks", "cola,mrpc", "--json", str(out)]) == 0
+    assert cli.main([str(grid), "--paper", "--seeds", "1,2", "--tasks", "cola,mrpc", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert {c["task"] for c in summary["cells"]} == {"cola", "mrpc"}
     assert all(c["seeds"] == [1, 2] for c in summary["cells"]) and summary["missing"] == []
-    assert rp.main([str(grid), "--paper", "--tasks", "imdb"]) == 1
+    assert cli.main([str(grid), "--paper", "--tasks", "imdb"]) == 1
 
 
 # --------------------------------------------------------------------------------------- paired differences
@@ -545,7 +556,7 @@ def test_method_table_paired_differences(tmp_path):
     for s, (a, b) in enumerate(zip(lora, dora)):
         write_run(tmp_path, "lora", s, {"accuracy": a})
         write_run(tmp_path, "dora", s, {"accuracy": b})
-    table = rp.method_table(rp.load_runs(tmp_path))
+    table = method_report.method_table(results.load_runs(tmp_path))
     ((a, b, seeds, test),) = table.pairs  # default: every pair of rows, later − earlier
     assert (a, b, seeds) == ("dora", "lora", [0, 1, 2, 3, 4])
     diffs = [100 * (y - x) for x, y in zip(lora, dora)]  # percent points
@@ -555,10 +566,10 @@ def test_method_table_paired_differences(tmp_path):
     low, high = exact_bootstrap_interval(diffs)
     tol = 0.05 * (max(diffs) - min(diffs))  # 9,999 Monte Carlo resamples against the exact distribution
     assert test.ci_low == pytest.approx(low, abs=tol) and test.ci_high == pytest.approx(high, abs=tol)
-    md = rp.method_markdown(table)
+    md = method_report.method_markdown(table)
     assert f"| dora − lora | 0, 1, 2, 3, 4 | {statistics.mean(diffs):+.2f} |" in md
     assert "cannot reach p < 0.05" in md  # 5 pairs: 2 / 2^5 = 0.0625 at best
-    pair = rp.method_json(table)["pairs"][0]
+    pair = method_report.method_json(table)["pairs"][0]
     assert pair["a"] == "dora" and pair["units"] == "percent points" and pair["n"] == 5
 
 
@@ -567,16 +578,16 @@ def test_compare_option_and_search_alias(tmp_path):
         write_run(tmp_path, "lora", s, {"accuracy": v})
         write_run(tmp_path, "bidora", s, {"accuracy": v + 0.01}, retrain=30,
                   history=bidora_history([0.6, 0.8, 0.7], [0.5, v, 0.7], v + 0.01))
-    runs = rp.load_runs(tmp_path)
-    table = rp.method_table(runs, compare=[("BiDoRA", "search")])
+    runs = results.load_runs(tmp_path)
+    table = method_report.method_table(runs, compare=[("BiDoRA", "search")])
     ((a, b, seeds, test),) = table.pairs
-    assert (a, b, seeds) == ("bidora", rp.SEARCH_ONLY, [0, 1, 2])
+    assert (a, b, seeds) == ("bidora", method_report.SEARCH_ONLY, [0, 1, 2])
     assert test.mean_diff == pytest.approx(1.0) and test.ci_low == test.ci_high == pytest.approx(1.0)  # all +1 point
-    assert len(rp.method_table(runs).pairs) == 3  # lora, bidora, search only: 3 pairs
+    assert len(method_report.method_table(runs).pairs) == 3  # lora, bidora, search only: 3 pairs
     with pytest.raises(ValueError, match="no runs of dora"):
-        rp.method_table(runs, compare=[("dora", "lora")])
+        method_report.method_table(runs, compare=[("dora", "lora")])
     out = tmp_path / "s.json"
-    assert rp.main([str(tmp_path), "--compare", "bidora:lora", "--json", str(out)]) == 0
+    assert cli.main([str(tmp_path), "--compare", "bidora:lora", "--json", str(out)]) == 0
     assert [(p["a"], p["b"]) for p in json.loads(out.read_text())["pairs"]] == [("bidora", "lora")]
 
 
@@ -598,11 +609,110 @@ def test_loader_serves_other_reports(tmp_path):
                 d = write_run(tmp_path / f"n{size}", method, seed, {"accuracy": base + size / 1000 + seed / 100})
                 raw = json.loads((d / "results.json").read_text())
                 (d / "results.json").write_text(json.dumps({**raw, "data_sizes": {"train": size}}))
-    runs = rp.load_runs(tmp_path)
-    curve = rp.group_series(runs, key=lambda r: (r.method, r.raw["data_sizes"]["train"]),
-                            value=lambda r: rp.metric_value(r, "test", "accuracy"))
+    runs = results.load_runs(tmp_path)
+    curve = stats.group_series(runs, key=lambda r: (r.method, r.raw["data_sizes"]["train"]),
+                               value=lambda r: results.metric_value(r, "test", "accuracy"))
     point = curve[("dora", 200)]
     assert point.seeds == [0, 1] and point.mean == pytest.approx(statistics.mean([0.82, 0.83]))
     assert point.std == pytest.approx(statistics.stdev([0.82, 0.83]))
-    seeds, test = rp.paired_differences(curve[("dora", 200)], curve[("lora", 200)], scale=100)
+    seeds, test = stats.paired_differences(curve[("dora", 200)], curve[("lora", 200)], scale=100)
     assert seeds == [0, 1] and test.mean_diff == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------ estimator comparison
+
+SAMA, DAMPED, FIRST = ec.ESTIMATORS
+
+
+def write_cell(root: Path, dataset: str, arm: str, seed: int, accuracy: float, wall: float = 100.0,
+               cpu_per_wall: float = 1.8, group: str = "estimators") -> None:
+    """A study cell as examples/study/run_study.py records it (with a 5 s test evaluation in the history)."""
+    d = root / "cpu" / f"{dataset}-n200" / arm / f"seed{seed}"
+    d.mkdir(parents=True)
+    method = "dora" if arm == "dora" else "bidora"
+    history = [{"step": 1, "phase": "search", "split": "heldout", "accuracy": 0.5},
+               {"step": 1, "phase": "search", "split": "test", "accuracy": 0.5, "runtime": 5.0}]
+    (d / "results.json").write_text(json.dumps({"method": method, "seed": seed, "history": history,
+                                                "eval": {"test": {"accuracy": accuracy}}, "select_metric": "accuracy"}))
+    (d / "cell.json").write_text(json.dumps({
+        "cell": f"{dataset}-n200/{arm}/seed{seed}", "dataset": dataset, "size": 200, "arm": arm, "method": method,
+        "group": group, "seed": seed, "status": "done", "device": "cpu", "host": "h", "wall_s": wall,
+        "cpu_s": wall * cpu_per_wall, "resumed": False}))
+
+
+def test_estimator_comparison_pairs_complete_seeds_and_applies_the_rule(tmp_path):
+    """Accuracies in 64ths (exact in binary): every difference below is constant over seeds, so each bootstrap
+    interval is that one value, and the verdicts follow by hand."""
+    offsets = {"rt": {"dora": 0, "bidora": 1, SAMA: 3, DAMPED: 1, FIRST: -1},  # damped_solve − darts = 0 on rt
+               "acp": {"dora": 0, "bidora": 2, SAMA: 4, DAMPED: 3, FIRST: 0}}
+    base = {"rt": [32, 40, 48], "acp": [40, 44, 52]}
+    for dataset in ("rt", "acp"):
+        for arm, offset in offsets[dataset].items():
+            for seed, b in enumerate(base[dataset]):
+                if (dataset, arm, seed) == ("acp", FIRST, 2):
+                    continue  # not done yet: ACP counts seeds 0 and 1 only
+                shared = (dataset, arm, seed) == ("rt", "dora", 0)  # 1.0 < 0.8 x 1.8 CPU s per wall s
+                write_cell(tmp_path, dataset, arm, seed, (b + offset) / 64, wall=100.0 + seed,
+                           cpu_per_wall=1.0 if shared else 1.8)
+    shifts = {("rt", SAMA, 0): 0.01, ("rt", SAMA, 1): 0.03, ("rt", SAMA, 2): 0.02}
+    comparisons = ec.compare(results.load_study(tmp_path).points,
+                             lambda p: shifts.get((p.dataset, p.row, p.seed)))
+    rt, acp = comparisons
+    assert (rt.dataset, rt.seeds, rt.not_counted) == ("rt", [0, 1, 2], {})
+    assert (acp.dataset, acp.seeds) == ("acp", [0, 1])
+    assert acp.not_counted == {"dora": [2], "bidora": [2], SAMA: [2], DAMPED: [2]}
+    arms = {a.arm: a for a in rt.arms}
+    assert arms["dora"].accuracy.values == [50.0, 62.5, 75.0] and arms["dora"].accuracy.std == 12.5
+    assert arms["dora"].minus_dora is None and arms["bidora"].minus_darts is None
+    sama = arms[SAMA]
+    assert (sama.minus_dora.mean_diff, sama.minus_dora.ci_low, sama.minus_dora.ci_high) == (4.6875, 4.6875, 4.6875)
+    assert (sama.minus_darts.ci_low, sama.minus_darts.ci_high) == (3.125, 3.125)
+    assert arms[DAMPED].minus_darts.ci_low == 0.0 and arms[FIRST].minus_dora.ci_high == -1.5625
+    assert sama.shifts == [0.01, 0.03, 0.02] and arms["dora"].shifts == [None, None, None]
+    # cost: the shared DoRA cell (seed 0) is left out of the medians; method time = wall − the 5 s test evaluation
+    assert (arms["dora"].shared, arms["dora"].wall_s, arms["dora"].method_s) == (1, 101.5, 96.5)
+    assert arms["bidora"].method_s == 96.0 and not arms["dora"].only_shared
+    acp_arms = {a.arm: a for a in acp.arms}
+    assert acp_arms[FIRST].minus_dora.mean_diff == 0.0 and acp_arms[DAMPED].minus_darts.ci_low == 1.5625
+
+    rule = {v["estimator"]: v for v in ec.verdicts(comparisons)}
+    assert rule[SAMA]["wins"] and rule[SAMA]["verdict"] == "wins"
+    assert rule[SAMA]["intervals"] == {"rt-n200 - dora": [4.6875, 4.6875], "rt-n200 - darts": [3.125, 3.125],
+                                       "acp-n200 - dora": [6.25, 6.25], "acp-n200 - darts": [3.125, 3.125]}
+    assert not rule[DAMPED]["wins"] and "rt-n200 - darts" in rule[DAMPED]["verdict"]  # [0, 0] does not exclude 0
+    assert not rule[FIRST]["wins"]
+    text = ec.estimator_markdown(comparisons, list(rule.values()), [])
+    assert "3 of 5 seeds counted (0, 1, 2)" in text and "2 of 5 seeds counted (0, 1)" in text
+    assert "2.00% (1.00% – 3.00%)" in text and "n/a" in text
+    assert "| sama | 67.19 ± 12.50 (3) | +4.69 [+4.69, +4.69] | +3.12 [+3.12, +3.12] |" in text
+    summary = ec.estimator_json(comparisons, list(rule.values()), [])
+    assert summary["datasets"][0]["arms"][0]["cpu_per_wall"] == [1.0, 1.8, 1.8]
+
+    # one dataset only (or fewer than 2 counted seeds): no verdict yet
+    partial = [c for c in comparisons if c.dataset == "rt"]
+    assert all(v["verdict"].startswith("not decidable yet (acp-n200: 0") for v in ec.verdicts(partial))
+
+
+def test_estimator_arms_and_datasets_are_the_plans(monkeypatch):
+    spec = importlib.util.spec_from_file_location("study_plan", REPO / "examples" / "study" / "plan.py")
+    plan = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, plan)  # its dataclasses look their module up
+    spec.loader.exec_module(plan)
+    assert [(d.name, n) for d, n, _ in plan.ESTIMATOR_COMPARISON] == list(ec.DATASETS)
+    assert all(sorted(a.name for a in arms) == sorted(ec.ARMS) for _, _, arms in plan.ESTIMATOR_COMPARISON)
+
+
+def test_study_report_writes_the_estimator_comparison(tmp_path):
+    study, est = tmp_path / "study", tmp_path / "estimators"
+    for arm in ec.ARMS:
+        for seed in (0, 1):
+            write_cell(study, "rt", arm, seed, 0.5, group="curve")
+            write_cell(est, "rt", arm, seed, 0.5 + 0.25 * (arm == SAMA))
+    out = tmp_path / "out"
+    assert study_report.main([str(study), "--out", str(out), "--estimators", str(est),
+                              "--estimator-runs", str(tmp_path / "no-runs")]) == 0
+    assert "| sama | 75.00 ± 0.00 (2) | +25.00 [+25.00, +25.00] | +25.00 [+25.00, +25.00] | n/a |" in \
+        (out / "estimators.md").read_text()
+    assert json.loads((out / "estimators.json").read_text())["datasets"][0]["seeds"] == [0, 1]
+    assert study_report.main([str(study), "--out", str(tmp_path / "o2"), "--estimators", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "o2" / "estimators.md").exists()

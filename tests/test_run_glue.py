@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
 import loralib
 from tests.glue_fixtures import write_task_files, write_tiny_roberta
@@ -94,8 +94,8 @@ def test_every_method_runs_end_to_end(assets, tmp_path, capsys, method):
     loralib.load_adapters(fresh, out / "adapter")
     _, data_args, _, _, _ = run_glue.parse_args(args_for(model, files, "sst2", method, tmp_path / "unused"))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = run_glue.load_datasets(data_args, tokenizer)
-    accuracy = evaluate(fresh, data["test"], run_glue.GlueCollator.from_tokenizer(tokenizer))
+    _, data = run_glue.load_datasets(data_args, tokenizer)
+    accuracy = evaluate(fresh, data["test"], DataCollatorWithPadding(tokenizer))
     assert accuracy == pytest.approx(results["eval"]["test"]["accuracy"])
 
 
@@ -182,7 +182,7 @@ def test_the_same_command_resumes_an_interrupted_run(assets, tmp_path, monkeypat
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_glue.main(args_for(model, files, "sst2", "bidora", whole, *extra)) == 0
     with monkeypatch.context() as m:
-        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at(phase, 4), raising=False)
+        m.setattr(run_glue.rh.CsvLogCallback, "on_step_end", interrupt_at(phase, 4), raising=False)
         with pytest.raises(Interrupted):
             run_glue.main(args_for(model, files, "sst2", "bidora", cut, *extra))
     assert not (cut / "results.json").exists()
@@ -287,7 +287,7 @@ def test_a_damaged_checkpoint_is_named(assets, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut"
     argv = args_for(model, files, "sst2", "lora", out)
     with monkeypatch.context() as m:
-        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
+        m.setattr(run_glue.rh.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
         with pytest.raises(Interrupted):
             run_glue.main(argv)
     weights = out / "checkpoint-3" / "model.safetensors"
@@ -469,7 +469,7 @@ def test_a_resume_checks_the_checkpoint_and_skips_a_half_written_one(assets, tmp
     out = tmp_path / "cut"
     argv = args_for(model, files, "sst2", "lora", out)
     with monkeypatch.context() as m:
-        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
+        m.setattr(run_glue.rh.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
         with pytest.raises(Interrupted):
             run_glue.main(argv)
     assert json.loads((out / "loralib_run.json").read_text())["base"]["name_or_path"] == str(model)

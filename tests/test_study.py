@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from utils import study_report
-from utils.significance import holm_adjust
+from utils.stats import holm_adjust
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "study"))

@@ -1,6 +1,7 @@
 """Weight-decomposition analysis: how magnitude and direction of the adapted weights move during training.
 
-For each adapted module and saved checkpoint t (definitions of the DoRA paper, used by the BiDoRA paper):
+For each adapted module and saved checkpoint t (definitions of the DoRA paper, used by the BiDoRA paper; computed by
+utils/magnitudes.py, adapter folders read through loralib's loader):
 
     ΔM^t = mean over output rows of |m^t − m^0|,        m^0 = ‖W0‖_row (how DoRA magnitudes are initialised)
     ΔD^t = mean over output rows of (1 − cos(V^t_row, W0_row))
@@ -26,13 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 if __package__ in (None, ""):  # run as a script (python utils/weight_decomposition.py): make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loralib.files import atomic_write, atomic_write_text  # noqa: E402
+from loralib.files import atomic_write_text  # noqa: E402
+from utils.figures import pyplot, save_figure  # noqa: E402
+from utils.magnitudes import as_float64, magnitude_direction_change, read_adapter, row_norms  # noqa: E402
 from utils.paper_results import load_paper_data  # noqa: E402
 
 # The paper analyses query matrices. `re.search` semantics: "query" alone also works on the command line.
@@ -60,36 +62,7 @@ class DecompositionResult:
 
 def _float64(tensors: dict) -> dict[str, np.ndarray]:
     # Loaded through torch so that bf16/fp16 files work too; all arithmetic in float64.
-    return {k: v.detach().to(dtype=torch.float64).numpy() for k, v in tensors.items()}
-
-
-def _row_norms(w: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(w, axis=1)
-
-
-def magnitude_direction_change(w0: np.ndarray, direction: np.ndarray, magnitude: np.ndarray) -> tuple[float, float]:
-    """ΔM and ΔD of one module.
-
-    Args:
-        w0: pretrained weight, (out, in).
-        direction: un-normalised direction V (out, in): W0 + s·B·A for DoRA/BiDoRA, the adapted weight otherwise.
-        magnitude: m^t, (out,).
-    Returns:
-        (ΔM, ΔD) = (mean |m^t − ‖W0‖_row|, mean (1 − cos(V_row, W0_row))).
-    """
-    w0 = np.asarray(w0, dtype=np.float64)
-    direction = np.asarray(direction, dtype=np.float64)
-    magnitude = np.asarray(magnitude, dtype=np.float64)
-    if w0.ndim != 2 or direction.shape != w0.shape:
-        raise ValueError(f"weight shapes differ or are not 2-D: W0 {w0.shape}, V {direction.shape}")
-    if magnitude.shape != (w0.shape[0],):
-        raise ValueError(f"magnitude has shape {magnitude.shape}, expected ({w0.shape[0]},) (one per output row)")
-    n0, nv = _row_norms(w0), _row_norms(direction)
-    if np.any(n0 == 0) or np.any(nv == 0):
-        raise ValueError("a weight row has zero norm: its direction (cosine) is undefined")
-    cos = np.einsum("ij,ij->i", w0, direction) / (n0 * nv)
-    cos = np.clip(cos, -1.0, 1.0)
-    return float(np.mean(np.abs(magnitude - n0))), float(np.mean(1.0 - cos))
+    return {k: as_float64(v) for k, v in tensors.items()}
 
 
 def fit_slope(d_direction, d_magnitude) -> tuple[float, float]:
@@ -144,46 +117,30 @@ def load_snapshot(step_dir: str | Path, base: dict[str, np.ndarray]) -> tuple[st
                 continue
             module = key[: -len(".weight")]
             _base_of(base, module, w.shape, step_dir)
-            out[module] = (w, _row_norms(w))
+            out[module] = (w, row_norms(w))
         return "ft", out
 
-    config_path = step_dir / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise ValueError(f"{step_dir}: {ADAPTER_CONFIG} missing")
-    with open(config_path, encoding="utf-8") as fh:
-        config = json.load(fh)
-    if "peft_type" in config:  # loralib's format 2 is PEFT's: its reader gives the same view and tensor names
-        from loralib.io import read_adapter_config, read_adapter_tensors
-
-        config = read_adapter_config(step_dir)
-    try:
-        method = str(config["config"]["method"]).lower()
-        # per-module scaling (rank_pattern / alpha_pattern) when saved; "scaling" is None when it is not uniform
-        module_scaling = {str(k): float(v) for k, v in (config.get("module_scaling") or {}).items()}
-        scaling = None if config.get("scaling") is None and module_scaling else float(config["scaling"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{config_path}: needs 'scaling' and 'config': {{'method': ...}} ({err})") from err
+    config, tensors = read_adapter(step_dir)  # loralib's loader: either of loralib's formats, validated
+    method = str(config["config"].get("method")).lower()
+    # per-module scaling (rank_pattern / alpha_pattern); "scaling" is None when it is not uniform
+    module_scaling = {str(k): float(v) for k, v in (config.get("module_scaling") or {}).items()}
     if method not in {"lora", "dora", "bidora"}:
-        raise ValueError(f"{config_path}: unknown method {method!r}")
-    if "peft_config" in config:
-        tensors = _float64(read_adapter_tensors(step_dir))
-    else:
-        tensors = _float64(load_file(str(step_dir / ADAPTER_FILE)))
+        raise ValueError(f"{step_dir / ADAPTER_CONFIG}: unknown method {method!r}")
     modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
     for module in modules:
         a, b = tensors[f"{module}.lora_A"], tensors.get(f"{module}.lora_B")
         if b is None or b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"{step_dir}: {module}: lora_B missing or not (out, r) for lora_A (r, in)")
         w0 = _base_of(base, module, (b.shape[0], a.shape[1]), step_dir)
-        s = module_scaling.get(module, scaling)
+        s = module_scaling.get(module, config.get("scaling"))
         if s is None:
-            raise ValueError(f"{step_dir}: {module}: not in the config's module_scaling")
-        v = w0 + s * (b @ a)
+            raise ValueError(f"{step_dir}: {module}: no 'scaling' in the config and not in its module_scaling")
+        v = w0 + float(s) * (b @ a)
         magnitude = tensors.get(f"{module}.magnitude")
         if method == "lora":
             if magnitude is not None:
                 raise ValueError(f"{step_dir}: {module}: a magnitude vector in a LoRA adapter")
-            out[module] = (v, _row_norms(v))
+            out[module] = (v, row_norms(v))
         else:
             if magnitude is None:
                 raise ValueError(f"{step_dir}: {module}: {method} adapter without '{module}.magnitude'")
@@ -278,17 +235,9 @@ def format_table(result: DecompositionResult) -> str:
     return "\n".join(lines)
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG through a temporary file (no half-written file on a crash)."""
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
-
-
 def plot_decomposition(results: list[DecompositionResult], path: str | Path) -> Path:
     """Scatter ΔM against ΔD, one panel per run: colour = layer, marker = checkpoint, the fitted line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     if not results:
@@ -319,10 +268,7 @@ def plot_decomposition(results: list[DecompositionResult], path: str | Path) -> 
         handles += [Line2D([], [], marker=marker[s], linestyle="", color="grey", label=f"step {s}") for s in res.steps]
         ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def _parse_steps(text: str | None):

@@ -1,220 +1,216 @@
-"""GLUE data: read (hub or local files), validate, tokenise (cached), pad and batch.
+"""GLUE data through ``datasets``: read (hub or local files), check, tokenise. Batches are padded by transformers'
+``DataCollatorWithPadding``.
 
-Pipeline::
+    task, data = load_glue_datasets("mrpc", tokenizer, 128, train_file="train.csv", validation_file="dev.tsv")
+    DataLoader(data["train"], batch_size=32, collate_fn=DataCollatorWithPadding(tokenizer))
 
-    raw = load_raw_splits("mrpc", train_file=..., validation_file=...)   # {split: RawSplit}, validated
-    data = {s: tokenize_split(r, tokenizer, max_length=128, cache_dir=...) for s, r in raw.items()}
-    collate = GlueCollator.from_tokenizer(tokenizer, pad_to_max_length=False, max_length=128)
-    DataLoader(data["train"], batch_size=32, collate_fn=collate)          # batches are plain dicts
-
-or all at once with :func:`load_glue_datasets`.
-
-Sources. Without any local file the task is downloaded with ``datasets.load_dataset("nyu-mll/glue", task)``.
-With at least one of ``train_file`` / ``validation_file`` / ``validation_mismatched_file`` / ``test_file`` only the
-given files are read (hub and local splits are never mixed). Local files use the hub's column layout (the task's
-text columns, e.g. ``sentence1,sentence2``, plus ``label``; other columns are ignored) and are read by extension:
+Sources. Without a local file the task comes from the hub (``datasets.load_dataset("nyu-mll/glue", task)``). With
+any of ``train_file`` / ``validation_file`` / ``validation_mismatched_file`` / ``test_file`` only the given files are
+read (hub and local splits are never mixed), by ``datasets``' own ``csv`` and ``json`` builders, by extension:
 
 * ``.csv``: comma-separated with a header, standard CSV quoting;
-* ``.tsv``: tab-separated with a header and *no* quoting (the GLUE distribution's convention: quote characters are
-  text; fields cannot contain tabs or newlines);
-* ``.json``: a JSON array of objects, or JSON Lines (what ``datasets.Dataset.to_json`` writes);
-* ``.jsonl``: JSON Lines.
+* ``.tsv``: tab-separated with a header and *no* quote processing (the GLUE distribution's convention: quote
+  characters are text; fields cannot contain tabs or newlines);
+* ``.json``: a JSON array of objects, or JSON Lines (what ``Dataset.to_json`` writes); ``.jsonl``: JSON Lines.
+
+Every CSV/TSV column is read as text and no value is read as missing (``keep_default_na=False``): ``NA``, ``null``,
+``None`` and empty fields stay the strings they are. Files must be UTF-8; for one that is not, the file and the line
+of the first undecodable byte are named.
+
+Columns. A task reads the hub's column names (``sentence1``, ``sentence2`` ...) unless ``text_columns`` names others,
+and its labels from ``label_column`` (default ``label``); other columns are ignored. Without a task (local files
+only) the text columns are inferred (:func:`infer_text_columns`) and so is the task (:func:`infer_task`):
+classification over the distinct labels of train, or regression when they are numbers not all whole.
 
 Split names: ``train_file`` -> ``train``; ``validation_file`` -> ``validation`` (MNLI: ``validation_matched``);
-``validation_mismatched_file`` -> ``validation_mismatched`` (MNLI only); ``test_file`` -> ``test``
-(MNLI: ``test_matched``).
+``validation_mismatched_file`` -> ``validation_mismatched`` (MNLI only); ``test_file`` -> ``test`` (MNLI:
+``test_matched``). Labels: classification labels are integer ids (``1``, ``"1"``, ``1.0``) or the class names of the
+task (``"entailment"``); regression labels are numbers (STS-B: in [0, 5]). A test file may omit the label column or
+use ``-1`` / empty labels throughout (unlabelled, the GLUE test convention); any other split needs valid labels.
 
-Labels: classification labels are integer ids (``1``, ``"1"``, ``1.0``) or the class names of the task
-(``"entailment"``); STS-B labels are numbers in [0, 5]. A test file may omit the label column or use ``-1`` / empty
-labels throughout (unlabelled, the GLUE test convention); any other split needs valid labels for every row.
-
-Examples are tokenised without padding and cached (``torch.save`` of flat int32 tensors, loaded with
-``weights_only=True``) under a key made of the task, split, data content, tokenizer contents and ``max_length``, so
-a changed file, tokenizer or length never reuses a stale cache. Padding happens per batch in :class:`GlueCollator`:
-to the longest example (default) or to ``max_length`` (``pad_to_max_length``, the original scripts' setting).
+Each split becomes a ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
+tokenizer makes them), unpadded, plus ``label`` (ids, or floats for regression; absent for an unlabelled split).
+With ``cache=True`` the parsed files and the tokens stay in ``datasets``' cache (``HF_DATASETS_CACHE``; keyed by the
+file and its modification time, the tokenizer's whole state and ``max_length``, so a changed input is never served
+stale), otherwise everything is kept in memory and nothing is written.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
-import hashlib
-import itertools
-import json
+import dataclasses
+import logging
 import math
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from glue_tasks import GlueTask, get_task
-from torch.utils.data import Dataset
-from tqdm.auto import tqdm
-
-from loralib.files import atomic_write
+import datasets
+from glue_tasks import TASKS, GlueTask, get_task
 
 HUB_DATASET = "nyu-mll/glue"
-SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
-_CACHE_VERSION = 1
-_UNLABELLED = (-1, "-1", "", None)
+# extension -> (datasets builder, its reading options)
+READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}),
+    ".json": ("json", {}), ".jsonl": ("json", {}),
+}
+FILE_OPTIONS = ("train_file", "validation_file", "validation_mismatched_file", "test_file")
+CUSTOM = "custom"  # the name of a task inferred from local files
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reading and validating
-# ---------------------------------------------------------------------------------------------------------------
+# ---- reading --------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """``datasets`` logs a reader's error before raising it; the caller reports it, once."""
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
 
 
-@dataclass
-class RawSplit:
-    """One validated split before tokenisation.
-
-    Attributes:
-        task: the task.
-        name: split name (``"train"``, ``"validation_matched"``, ``"test"``...).
-        source: where it came from (a file path or ``"nyu-mll/glue/<task>/<split>"``), for messages.
-        texts: one list of strings per text column of the task, all of the same length.
-        labels: ``list[int]`` (classification), ``list[float]`` (STS-B), or ``None`` for an unlabelled split.
-    """
-
-    task: GlueTask
-    name: str
-    source: str
-    texts: list[list[str]]
-    labels: list[int] | list[float] | None
-
-    def __len__(self) -> int:
-        return len(self.texts[0])
-
-    def content_hash(self) -> str:
-        """SHA-256 of the texts and labels (the data part of the cache key)."""
-        h = hashlib.sha256()
-        for column in self.texts:
-            h.update(json.dumps(column, ensure_ascii=False).encode("utf-8"))
-        h.update(json.dumps(self.labels).encode("utf-8"))
-        return h.hexdigest()
+def check_utf8(path: Path, block: int = 1 << 24) -> None:
+    """A ValueError naming the file and the line of its first byte that is not UTF-8. Checked before reading: pandas'
+    error names no file, and pyarrow's JSON reader takes any bytes (a bad string fails later, when it is read)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as bad:  # bad.object: the bytes held from the last block, then this block
+                line += bad.object.count(b"\n", 0, bad.start)
+                raise ValueError(f"{path} is not UTF-8 text (byte 0x{bad.object[bad.start]:02x} on line {line}); "
+                                 "save it as UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
 
 
-def read_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
-    """Read a ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` file into ``(column names, rows)``.
+def read_file(path: str | os.PathLike, cache: bool = False, cache_dir: str | None = None) -> datasets.Dataset:
+    """One local file as a ``Dataset``, every column of a CSV/TSV file a string (see the module docstring).
+
+    ``cache=False`` parses in a temporary folder and keeps the result in memory; ``cache=True`` keeps it in
+    ``cache_dir`` (None: ``datasets``' default).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unsupported extension, malformed content (ragged rows, invalid JSON, duplicate header names).
+        ValueError: an unsupported extension, an empty file or a header naming a column twice, a file that is not
+            UTF-8 or that the reader refuses (ragged rows, invalid JSON), each naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    ext = path.suffix.lower()
-    if ext not in SUPPORTED_EXTENSIONS:
-        raise ValueError(f"{path}: unsupported file type {ext!r}; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
-    if ext in (".csv", ".tsv"):
-        return _read_delimited(path, ext == ".tsv")
-    return _read_json(path, lines=ext == ".jsonl")
+    builder, options = READERS.get(path.suffix.lower(), (None, {}))
+    if builder is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+    check_utf8(path)
+    if builder == "csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=options.get("sep", ","), quoting=options.get("quoting", csv.QUOTE_MINIMAL))
+            header, first = next(reader, None), next((row for row in reader if row), None)
+        if not header or first is None:
+            raise ValueError(f"{path}: " + ("no examples" if header else "empty file (expected a header line)"))
+        twice = [name for name, n in Counter(header).items() if n > 1]
+        if twice:
+            raise ValueError(f"{path}: the header names the columns {twice} twice")
+        options = {**options, "keep_default_na": False,
+                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
+    folder = contextlib.nullcontext(cache_dir) if cache else tempfile.TemporaryDirectory()
+    try:
+        with folder as where, _quiet():
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=where,
+                                         keep_in_memory=not cache, **options)
+    except Exception as err:  # the readers' errors are of many kinds (pandas, pyarrow, json, datasets' own)
+        cause = err.__cause__ or err  # datasets wraps the reader's own error in a DatasetGenerationError
+        raise ValueError(f"{path}: {(str(cause).strip().splitlines() or [type(cause).__name__])[0]}") from None
 
 
-def _read_delimited(path: Path, tsv: bool) -> tuple[list[str], list[dict[str, Any]]]:
-    kwargs: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, **kwargs)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path}: empty file (expected a header line)")
-        header = [h.strip() for h in header]
-        dup = [h for h, c in Counter(header).items() if c > 1]
-        if dup:
-            raise ValueError(f"{path}: duplicate column names in the header: {dup}")
-        rows = []
-        for fields in reader:
-            if not fields:  # blank line
-                continue
-            if len(fields) != len(header):
-                raise ValueError(f"{path}: line {reader.line_num} has {len(fields)} fields, the header has "
-                                 f"{len(header)} ({'tab' if tsv else 'comma'}-separated)")
-            rows.append(dict(zip(header, fields)))
-    return header, rows
+def file_splits(task: GlueTask | None) -> dict[str, str]:
+    """Option -> split name for local files."""
+    if task is not None and task.name == "mnli":
+        return {"train_file": "train", "validation_file": "validation_matched",
+                "validation_mismatched_file": "validation_mismatched", "test_file": "test_matched"}
+    return {"train_file": "train", "validation_file": "validation", "test_file": "test"}
 
 
-def _read_json(path: Path, lines: bool) -> tuple[list[str], list[dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if not lines and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from None
-    else:  # JSON Lines
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno} is not valid JSON ({e}); expected a JSON array of "
-                                     "objects or one object per line") from None
-    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: record {bad} is not a JSON object")
-    columns: dict[str, None] = {}
-    for r in rows:
-        columns.update(dict.fromkeys(r))
-    return list(columns), rows
+def read_splits(task: GlueTask | None, files: dict[str, str | os.PathLike | None], cache: bool = False,
+                cache_dir: str | None = None) -> dict[str, tuple[datasets.Dataset, str]]:
+    """``{split: (dataset, source)}``: the given local files, or the task's hub dataset when no file is given."""
+    given = {option: path for option, path in files.items() if path is not None}
+    if given:
+        names = file_splits(task)
+        for option, path in given.items():
+            if option not in names:
+                raise ValueError(f"--{option} is only for MNLI (matched/mismatched dev sets), not "
+                                 f"{task.name if task else 'a task without --task_name'}")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--{option}: file not found: {path}")
+        return {names[o]: (read_file(p, cache, cache_dir), str(p)) for o, p in given.items()}
+    if task is None:
+        raise ValueError("give --task_name for a hub dataset, or local files (--train_file ...)")
+    if task.local_only:
+        raise ValueError(f"task {task.name!r} has no hub dataset: give local files (--train_file, --test_file, ...)")
+    hub = datasets.load_dataset(HUB_DATASET, task.name, cache_dir=cache_dir)
+    return {split: (ds, f"{HUB_DATASET}/{task.name}/{split}") for split, ds in hub.items()}
+
+
+# ---- columns, task and labels ---------------------------------------------------------------------------------------
+def infer_text_columns(columns: Sequence[str], label_column: str = "label") -> tuple[str, ...]:
+    """The text columns of a file: a known task's (pairs first), else the one or two columns besides the label and
+    an index (``idx`` / ``id``)."""
+    known = sorted(dict.fromkeys(t.text_columns for t in TASKS.values()), key=len, reverse=True)
+    found = next((cols for cols in known if set(cols) <= set(columns)), None)
+    rest = tuple(c for c in columns if c != label_column and c.lower() not in ("idx", "id", "index"))
+    if found is None and len(rest) not in (1, 2):
+        raise ValueError(f"cannot tell the text columns among {', '.join(columns) or 'no columns'}; name one or two "
+                         "with --text_column")
+    return found or rest
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v.strip() if isinstance(v, str) else v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _key(v: Any) -> str:
+    """A label value as a class name: ``1``, ``"1"`` and ``1.0`` are all ``"1"``."""
+    x = _number(v)
+    return str(int(x)) if x is not None and x.is_integer() else str(v).strip()
+
+
+def infer_task(train: datasets.Dataset, text_columns: Sequence[str], label_column: str = "label",
+               source: str = "train") -> GlueTask:
+    """A task for local files without ``--task_name``: regression when every label of train is a number and not
+    all are whole, else classification over the distinct labels (numbers in numeric order, then names)."""
+    if label_column not in train.column_names:
+        raise ValueError(f"{source}: no label column {label_column!r} (columns present: "
+                         f"{', '.join(train.column_names)}); name it with --label_column")
+    values = [v for v in train[label_column] if not _is_unlabelled(v)]
+    numbers = [_number(v) for v in values]
+    if values and None not in numbers and not all(x.is_integer() for x in numbers):
+        return GlueTask(CUSTOM, tuple(text_columns), (), ("validation",), ("test",), ("pearson", "spearman", "mse"),
+                        "pearson", local_only=True)
+    names = sorted({_key(v) for v in values}, key=lambda k: (_number(k) is None, _number(k) or 0.0, k))
+    if len(names) < 2:
+        raise ValueError(f"{source}: the labels of {label_column!r} take {len(names)} distinct value(s); a task "
+                         "needs two classes or numeric targets")
+    return GlueTask(CUSTOM, tuple(text_columns), tuple(names), ("validation",), ("test",),
+                    ("accuracy", "f1_weighted"), "accuracy", local_only=True)
 
 
 def _examples(values: Iterable[tuple[int, Any]], limit: int = 3) -> str:
     return ", ".join(f"row {i}: {v!r}" for i, v in list(values)[:limit])
-
-
-def build_split(
-    task: str | GlueTask,
-    name: str,
-    columns: Mapping[str, Sequence[Any]],
-    source: str,
-    labels_required: bool = True,
-) -> RawSplit:
-    """Validate column data of one split and return a :class:`RawSplit`.
-
-    Args:
-        task: task name or :class:`GlueTask`.
-        name: split name.
-        columns: ``{column name: values}`` (extra columns are ignored).
-        source: file path or hub id, used in error messages.
-        labels_required: False for test splits, which may be unlabelled (no ``label`` column, or all ``-1``).
-
-    Raises:
-        ValueError: missing column (named, with the columns present), non-string text, labels outside the label
-            set (which values and how many), non-numeric / non-finite / out-of-range STS-B scores.
-    """
-    task = get_task(task)
-    present = list(columns)
-    needed = [*task.text_columns, "label"] if labels_required else list(task.text_columns)
-    for col in needed:
-        if col not in columns:
-            raise ValueError(f"{source}: missing required column {col!r} for task {task.name} (needs "
-                             f"{', '.join([*task.text_columns, 'label'])}); columns present: "
-                             f"{', '.join(map(str, present)) or 'none'}")
-    n = len(columns[task.text_columns[0]])
-    texts = []
-    for col in task.text_columns:
-        values = list(columns[col])
-        if len(values) != n:
-            raise ValueError(f"{source}: column {col!r} has {len(values)} values, expected {n}")
-        bad = [(i, v) for i, v in enumerate(values, 1) if not isinstance(v, str)]
-        if bad:
-            raise ValueError(f"{source}: text column {col!r} has {len(bad)} missing or non-string values "
-                             f"({_examples(bad)})")
-        texts.append(values)
-    if n == 0:
-        raise ValueError(f"{source}: no examples")
-    labels = None
-    if "label" in columns:
-        raw_labels = list(columns["label"])
-        if len(raw_labels) != n:
-            raise ValueError(f"{source}: column 'label' has {len(raw_labels)} values, expected {n}")
-        unlabelled = all(_is_unlabelled(v) for v in raw_labels)
-        if not (unlabelled and not labels_required):
-            labels = _parse_labels(task, raw_labels, source)
-    return RawSplit(task, name, source, texts, labels)
 
 
 def _is_unlabelled(v: Any) -> bool:
@@ -224,420 +220,109 @@ def _is_unlabelled(v: Any) -> bool:
 
 def _parse_labels(task: GlueTask, raw: list[Any], source: str) -> list[int] | list[float]:
     if task.is_regression:
-        out, bad = [], []
-        for i, v in enumerate(raw, 1):
-            try:
-                if isinstance(v, bool):
-                    raise TypeError
-                x = float(v.strip() if isinstance(v, str) else v)
-            except (TypeError, ValueError):
-                bad.append((i, v))
-                continue
-            out.append(x)
+        numbers = [_number(v) for v in raw]
+        bad = [(i, v) for i, (v, x) in enumerate(zip(raw, numbers), 1) if x is None]
         if bad:
             raise ValueError(f"{source}: {len(bad)} non-numeric labels for the regression task {task.name} "
                              f"({_examples(bad)})")
         lo, hi = task.label_range or (-math.inf, math.inf)
-        bad = [(i, x) for i, x in enumerate(out, 1) if not (math.isfinite(x) and lo <= x <= hi)]
+        bad = [(i, x) for i, x in enumerate(numbers, 1) if not (math.isfinite(x) and lo <= x <= hi)]
         if bad:
             raise ValueError(f"{source}: {len(bad)} labels outside [{lo:g}, {hi:g}] for task {task.name} "
                              f"({_examples(bad)})")
-        return out
+        return numbers
     by_name = {name: i for i, name in enumerate(task.label_names)}
-    out_ids: list[int] = []
-    bad_values: Counter = Counter()
-    first_bad: list[tuple[int, Any]] = []
-    for i, v in enumerate(raw, 1):
-        label = _class_id(v, by_name)
-        if label is None or label not in task.label_set:
-            bad_values[repr(v)] += 1
-            first_bad.append((i, v))
-            continue
-        out_ids.append(label)
-    if bad_values:
-        found = ", ".join(f"{v} (x{c})" for v, c in bad_values.most_common(5))
+    ids = [None if isinstance(v, bool) or v is None else by_name.get(_key(v), _whole(_number(v))) for v in raw]
+    bad = [(i, v) for i, (v, label) in enumerate(zip(raw, ids), 1) if label not in task.label_set]
+    if bad:
+        found = ", ".join(f"{v} (x{c})" for v, c in Counter(repr(v) for _, v in bad).most_common(5))
         valid = ", ".join(f"{i}={name}" for i, name in enumerate(task.label_names))
-        raise ValueError(f"{source}: {sum(bad_values.values())} labels outside the label set of {task.name} "
-                         f"({valid}): found {found}; first at {_examples(first_bad, 1)}")
-    return out_ids
+        raise ValueError(f"{source}: {len(bad)} labels outside the label set of {task.name} ({valid}): found "
+                         f"{found}; first at {_examples(bad, 1)}")
+    return ids
 
 
-def _class_id(v: Any, by_name: dict[str, int]) -> int | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return int(v) if v.is_integer() else None
-    if isinstance(v, str):
-        s = v.strip()
-        if s in by_name:
-            return by_name[s]
-        try:
-            x = float(s)
-        except ValueError:
-            return None
-        return int(x) if x.is_integer() else None
-    return None
+def _whole(x: float | None) -> int | None:
+    return int(x) if x is not None and x.is_integer() else None
 
 
-def _file_splits(task: GlueTask) -> dict[str, str]:
-    """Config option -> split name for local files."""
-    if task.name == "mnli":
-        return {"train_file": "train", "validation_file": "validation_matched",
-                "validation_mismatched_file": "validation_mismatched", "test_file": "test_matched"}
-    return {"train_file": "train", "validation_file": "validation", "test_file": "test"}
-
-
-def load_local_splits(
-    task: str | GlueTask,
-    *,
-    train_file: str | os.PathLike | None = None,
-    validation_file: str | os.PathLike | None = None,
-    validation_mismatched_file: str | os.PathLike | None = None,
-    test_file: str | os.PathLike | None = None,
-) -> dict[str, RawSplit]:
-    """Read and validate the given local files (see the module docstring for formats and split names).
+def check_split(task: GlueTask, ds: datasets.Dataset, source: str, label_column: str = "label",
+                labels_required: bool = True) -> datasets.Dataset:
+    """The task's text columns of ``ds`` and its labels as ids (``label``; floats for regression), checked.
 
     Raises:
-        FileNotFoundError: a given file does not exist (the option is named).
-        ValueError: invalid content, or ``validation_mismatched_file`` for a task other than MNLI.
+        ValueError: a missing column (with the columns present), a missing or non-string text, no examples, labels
+            outside the label set (which values, how many, the first row), non-numeric or out-of-range targets.
     """
-    task = get_task(task)
-    given = {"train_file": train_file, "validation_file": validation_file,
-             "validation_mismatched_file": validation_mismatched_file, "test_file": test_file}
-    mapping = _file_splits(task)
-    splits = {}
-    for option, path in given.items():
-        if path is None:
-            continue
-        if option not in mapping:
-            raise ValueError(f"--{option} is only for MNLI (matched/mismatched dev sets), not {task.name}")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--{option}: file not found: {path}")
-        header, rows = read_table(path)
-        # A JSON record lacking a key gets None, reported below as a missing value of that column.
-        columns = {c: [r.get(c) for r in rows] for c in header}
-        split = mapping[option]
-        splits[split] = build_split(task, split, columns, str(path), labels_required=option != "test_file")
-    return splits
+    needed = [*task.text_columns, label_column]
+    missing = [c for c in (needed if labels_required else task.text_columns) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{source}: missing required column {missing[0]!r} for task {task.name} (needs "
+                         f"{', '.join(needed)}); columns present: {', '.join(ds.column_names) or 'none'}; name "
+                         "others with --text_column / --label_column")
+    for column in task.text_columns:
+        bad = [(i, v) for i, v in enumerate(ds[column], 1) if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{source}: text column {column!r} has {len(bad)} missing or non-string values "
+                             f"({_examples(bad)})")
+    if len(ds) == 0:
+        raise ValueError(f"{source}: no examples")
+    labels = None
+    if label_column in ds.column_names:
+        raw = list(ds[label_column])
+        if labels_required or not all(_is_unlabelled(v) for v in raw):
+            labels = _parse_labels(task, raw, source)
+    ds = ds.select_columns(list(task.text_columns))
+    return ds if labels is None else ds.add_column("label", labels)
 
 
-def load_hub_splits(task: str | GlueTask, cache_dir: str | None = None) -> dict[str, RawSplit]:
-    """Download ``nyu-mll/glue/<task>`` with ``datasets`` and validate every split (test splits unlabelled)."""
-    import datasets  # imported here: only this path needs it
-
-    task = get_task(task)
-    if task.local_only:
-        raise ValueError(f"task {task.name!r} has no hub dataset: give local files (--train_file, --test_file, ...)")
-    dsd = datasets.load_dataset(HUB_DATASET, task.name, cache_dir=cache_dir)
-    splits = {}
-    for split, ds in dsd.items():
-        cols = [*task.text_columns, "label"]
-        columns = {c: list(ds[c]) for c in cols if c in ds.column_names}
-        splits[split] = build_split(task, split, columns, f"{HUB_DATASET}/{task.name}/{split}",
-                                    labels_required=not split.startswith("test"))
-    return splits
-
-
-def load_raw_splits(
-    task: str | GlueTask,
-    *,
-    train_file: str | os.PathLike | None = None,
-    validation_file: str | os.PathLike | None = None,
-    validation_mismatched_file: str | os.PathLike | None = None,
-    test_file: str | os.PathLike | None = None,
-    hub_cache_dir: str | None = None,
-) -> dict[str, RawSplit]:
-    """Local files when any is given, else the hub. Returns ``{split name: RawSplit}``."""
-    files = dict(train_file=train_file, validation_file=validation_file,
-                 validation_mismatched_file=validation_mismatched_file, test_file=test_file)
-    if any(v is not None for v in files.values()):
-        return load_local_splits(task, **files)
-    return load_hub_splits(task, cache_dir=hub_cache_dir)
+def load_raw_splits(task: str | GlueTask | None, *, text_columns: Sequence[str] | None = None,
+                    label_column: str = "label", cache: bool = False, cache_dir: str | None = None,
+                    **files: str | os.PathLike | None) -> tuple[GlueTask, dict[str, datasets.Dataset]]:
+    """``(task, {split: checked dataset of text columns and labels})`` from local files (``train_file=...``, see
+    :data:`FILE_OPTIONS`) or the hub; ``task=None`` infers the task from ``train_file``."""
+    unknown = set(files) - set(FILE_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown file options {sorted(unknown)}; use {', '.join(FILE_OPTIONS)}")
+    task = get_task(task) if task is not None else None
+    raw = read_splits(task, files, cache, cache_dir)
+    if task is None:
+        if "train" not in raw:
+            raise ValueError("without --task_name the task is inferred from the training data: give --train_file")
+        train, source = raw["train"]
+        task = infer_task(train, text_columns or infer_text_columns(train.column_names, label_column),
+                          label_column, source)
+    elif text_columns:
+        task = dataclasses.replace(task, text_columns=tuple(text_columns))
+    return task, {split: check_split(task, ds, source, label_column, labels_required=not split.startswith("test"))
+                  for split, (ds, source) in raw.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenised dataset
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class GlueDataset(Dataset):
-    """Tokenised, unpadded examples stored as flat tensors; ``ds[i]`` is a dict of tensors.
-
-    Items: ``input_ids`` (long, 1-D), ``attention_mask`` (ones, long), ``token_type_ids`` (when the tokenizer makes
-    them), ``labels`` (0-d long, or 0-d float32 for STS-B; absent for an unlabelled split).
-    """
-
-    def __init__(
-        self,
-        task: GlueTask,
-        split: str,
-        input_ids: torch.Tensor,
-        offsets: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> None:
-        n = len(offsets) - 1
-        if labels is not None and len(labels) != n:
-            raise ValueError(f"{len(labels)} labels for {n} examples")
-        self.task, self.split = task, split
-        self._ids, self._offsets, self._types, self._labels = input_ids, offsets, token_type_ids, labels
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} examples")
-        i = int(i) % len(self)
-        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
-        ids = self._ids[a:b].long()
-        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if self._types is not None:
-            item["token_type_ids"] = self._types[a:b].long()
-        if self._labels is not None:
-            item["labels"] = self._labels[i].clone()
-        return item
-
-    @property
-    def has_labels(self) -> bool:
-        return self._labels is not None
-
-    @property
-    def labels(self) -> torch.Tensor | None:
-        """All labels (long, or float32 for STS-B), or None."""
-        return self._labels
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Token count of every example."""
-        return self._offsets[1:] - self._offsets[:-1]
-
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> GlueDataset:
-        """A new dataset holding ``indices`` (in that order), with its own compact storage."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        lengths = self.lengths[idx]
-        offsets = torch.zeros(len(idx) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(lengths, 0)
-        pick = [torch.arange(int(self._offsets[i]), int(self._offsets[i + 1])) for i in idx.tolist()]
-        flat = torch.cat(pick) if pick else torch.zeros(0, dtype=torch.long)
-        types = None if self._types is None else self._types[flat]
-        labels = None if self._labels is None else self._labels[idx]
-        return GlueDataset(self.task, self.split, self._ids[flat], offsets, types, labels)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save (the cache format)."""
-        out = {"input_ids": self._ids, "offsets": self._offsets}
-        if self._types is not None:
-            out["token_type_ids"] = self._types
-        if self._labels is not None:
-            out["labels"] = self._labels
-        return out
-
-
-def split_lower_upper(dataset: GlueDataset, upper_fraction: float, seed: int) -> tuple[GlueDataset, GlueDataset]:
-    """Seeded random split of a training set into the lower (``1 - f``) and upper (``f``) parts.
-
-    The upper part has ``round(f * n)`` examples; both parts keep the original order. Same seed, same split.
-
-    Raises:
-        ValueError: ``upper_fraction`` outside (0, 1), or a part that would be empty.
-    """
-    if not 0.0 < upper_fraction < 1.0:
-        raise ValueError(f"upper_fraction must be in (0, 1), got {upper_fraction}")
-    n = len(dataset)
-    n_upper = round(upper_fraction * n)
-    if n_upper < 1 or n_upper >= n:
-        raise ValueError(f"upper_fraction={upper_fraction} of {n} examples leaves an empty split")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    upper, lower = perm[:n_upper].sort().values, perm[n_upper:].sort().values
-    return dataset.subset(lower), dataset.subset(upper)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenisation with a cache
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """SHA-256 of what determines the token ids: class, vocabulary / pipeline, special tokens, truncation side.
-
-    For fast tokenizers the full serialised pipeline is hashed (without its transient truncation/padding state);
-    ``name_or_path`` alone would not do, as two tokenizers may share a name (or have none).
-    """
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        h.update(json.dumps(state, sort_keys=True).encode("utf-8"))
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
-        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
-    extra = {
-        "special": sorted((str(k), str(v)) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()),
-        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
-        "inputs": list(getattr(tokenizer, "model_input_names", [])),
-    }
-    h.update(json.dumps(extra, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def cache_path(raw: RawSplit, tokenizer: Any, max_length: int, cache_dir: str | os.PathLike) -> Path:
-    """File under ``cache_dir`` for this split tokenised with this tokenizer at this ``max_length``."""
-    key = {"version": _CACHE_VERSION, "task": raw.task.name, "split": raw.name, "data": raw.content_hash(),
-           "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": int(max_length)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"{raw.task.name}-{raw.name}-{digest}.pt"
-
-
-def tokenize_split(
-    raw: RawSplit,
-    tokenizer: Any,
-    max_length: int,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 1000,
-    progress: bool = True,
-) -> GlueDataset:
-    """Tokenise a split (truncating to ``max_length``, no padding), through the cache when ``cache_dir`` is set.
-
-    Pairs are truncated longest-first (the tokenizer's ``truncation=True``). A cache file that cannot be read is
-    ignored and rewritten.
-    """
+# ---- tokenising -----------------------------------------------------------------------------------------------------
+def tokenize(ds: datasets.Dataset, task: GlueTask, tokenizer: Any, max_length: int, *, space_residues: bool = False,
+             cache: bool = False, desc: str = "tokenising") -> datasets.Dataset:
+    """Token ids of every example, truncated to ``max_length`` (pairs longest first), unpadded; ``label`` kept.
+    ``space_residues`` puts a space between the characters of each text (protein models, one token per residue)."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    path = cache_path(raw, tokenizer, max_length, cache_dir) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            state = torch.load(path, weights_only=True)
-            return GlueDataset(raw.task, raw.name, state["input_ids"], state["offsets"],
-                               state.get("token_type_ids"), state.get("labels"))
-        except Exception as e:  # corrupt or foreign file: recompute rather than fail or trust it
-            print(f"warning: ignoring unreadable cache {path}: {e}")
-    # Flattened per batch into int32 tensors, so the peak memory is one batch of Python ints, not the split's.
-    id_chunks: list[torch.Tensor] = []
-    type_chunks: list[torch.Tensor] = []
-    lengths: list[int] = []
-    n = len(raw)
-    for start in tqdm(range(0, n, batch_size), desc=f"tokenising {raw.task.name}/{raw.name}", unit="batch",
-                      disable=not progress or n <= batch_size):
-        cols = [c[start:start + batch_size] for c in raw.texts]
-        enc = tokenizer(*cols, truncation=True, max_length=max_length, padding=False)
-        lengths.extend(len(x) for x in enc["input_ids"])
-        id_chunks.append(torch.tensor(list(itertools.chain.from_iterable(enc["input_ids"])), dtype=torch.int32))
-        if "token_type_ids" in enc:
-            type_chunks.append(torch.tensor(list(itertools.chain.from_iterable(enc["token_type_ids"])),
-                                            dtype=torch.int32))
-    if type_chunks and len(type_chunks) != len(id_chunks):
-        raise ValueError("the tokenizer returned token_type_ids for some batches only")
-    offsets = torch.zeros(n + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-    flat_ids = torch.cat(id_chunks)
-    flat_types = torch.cat(type_chunks) if type_chunks else None
-    labels = None
-    if raw.labels is not None:
-        labels = torch.tensor(raw.labels, dtype=torch.float32 if raw.task.is_regression else torch.long)
-    ds = GlueDataset(raw.task, raw.name, flat_ids, offsets, flat_types, labels)
-    if path is not None:
-        atomic_write(path, lambda tmp: torch.save(ds.state(), tmp))
-    return ds
+    columns = list(task.text_columns)
+
+    def encode(batch: dict[str, list]) -> Any:
+        texts = [batch[c] for c in columns]
+        if space_residues:  # "MKV" -> "M K V"
+            texts = [[" ".join("".join(t.split())) for t in column] for column in texts]
+        return tokenizer(*texts, truncation=True, max_length=max_length)
+
+    return ds.map(encode, batched=True, remove_columns=columns, load_from_cache_file=cache, keep_in_memory=not cache,
+                  desc=desc)
 
 
-def default_cache_dir() -> Path:
-    """``$LORALIB_CACHE_DIR/glue`` if set, else ``~/.cache/loralib/glue``."""
-    root = os.environ.get("LORALIB_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "loralib") / "glue"
-
-
-def load_glue_datasets(
-    task: str | GlueTask,
-    tokenizer: Any,
-    max_length: int,
-    *,
-    train_file: str | os.PathLike | None = None,
-    validation_file: str | os.PathLike | None = None,
-    validation_mismatched_file: str | os.PathLike | None = None,
-    test_file: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    hub_cache_dir: str | None = None,
-    progress: bool = True,
-) -> dict[str, GlueDataset]:
-    """:func:`load_raw_splits` then :func:`tokenize_split` on every split. Returns ``{split: GlueDataset}``.
-
-    ``cache_dir=None`` disables the token cache (pass :func:`default_cache_dir` to use the default location).
-    """
-    raw = load_raw_splits(task, train_file=train_file, validation_file=validation_file,
-                          validation_mismatched_file=validation_mismatched_file, test_file=test_file,
-                          hub_cache_dir=hub_cache_dir)
-    return {name: tokenize_split(r, tokenizer, max_length, cache_dir=cache_dir, progress=progress)
-            for name, r in raw.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batching
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class GlueCollator:
-    """Pad a list of :class:`GlueDataset` items into a batch: a plain ``dict`` of tensors.
-
-    A plain dict (not a ``BatchEncoding``) because Betty turns any other mapping into a tuple of its keys.
-
-    Args:
-        pad_token_id: id used to pad ``input_ids``.
-        pad_token_type_id: value used to pad ``token_type_ids``.
-        pad_to_max_length: pad every batch to ``max_length`` instead of to its longest example.
-        max_length: required with ``pad_to_max_length``.
-        padding_side: ``"right"`` (default) or ``"left"``.
-    """
-
-    def __init__(
-        self,
-        pad_token_id: int,
-        pad_token_type_id: int = 0,
-        pad_to_max_length: bool = False,
-        max_length: int | None = None,
-        padding_side: str = "right",
-    ) -> None:
-        if pad_to_max_length and not max_length:
-            raise ValueError("pad_to_max_length needs max_length")
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        self.pad_token_id, self.pad_token_type_id = int(pad_token_id), int(pad_token_type_id)
-        self.pad_to_max_length, self.max_length, self.padding_side = pad_to_max_length, max_length, padding_side
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any, pad_to_max_length: bool = False,
-                       max_length: int | None = None) -> GlueCollator:
-        """Collator with the tokenizer's pad token, pad token type and padding side."""
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
-        return cls(tokenizer.pad_token_id, getattr(tokenizer, "pad_token_type_id", 0), pad_to_max_length,
-                   max_length, getattr(tokenizer, "padding_side", "right"))
-
-    def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if not items:
-            raise ValueError("empty batch")
-        longest = max(len(it["input_ids"]) for it in items)
-        width = self.max_length if self.pad_to_max_length else longest
-        if longest > width:
-            raise ValueError(f"an example has {longest} tokens, more than max_length={width}")
-        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": self.pad_token_type_id}
-        batch = {}
-        for key, pad in pads.items():
-            if key not in items[0]:
-                continue
-            out = torch.full((len(items), width), pad, dtype=torch.long)
-            for row, it in enumerate(items):
-                seq = it[key]
-                if self.padding_side == "right":
-                    out[row, : len(seq)] = seq
-                else:
-                    out[row, width - len(seq):] = seq
-            batch[key] = out
-        if "labels" in items[0]:
-            batch["labels"] = torch.stack([it["labels"] for it in items])
-        return batch
+def load_glue_datasets(task: str | GlueTask | None, tokenizer: Any, max_length: int, *,
+                       text_columns: Sequence[str] | None = None, label_column: str = "label",
+                       space_residues: bool = False, cache: bool = False, cache_dir: str | None = None,
+                       **files: str | os.PathLike | None) -> tuple[GlueTask, dict[str, datasets.Dataset]]:
+    """:func:`load_raw_splits` then :func:`tokenize` on every split: ``(task, {split: dataset})``."""
+    task, raw = load_raw_splits(task, text_columns=text_columns, label_column=label_column, cache=cache,
+                                cache_dir=cache_dir, **files)
+    return task, {split: tokenize(ds, task, tokenizer, max_length, space_residues=space_residues, cache=cache,
+                                  desc=f"tokenising {task.name}/{split}") for split, ds in raw.items()}

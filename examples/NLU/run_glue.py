@@ -1,4 +1,4 @@
-"""Fine-tune an encoder on a GLUE task (or a local-file task: the demo, proteins) with ft, LoRA, DoRA or BiDoRA.
+"""Fine-tune an encoder on a GLUE task (or local files: the demo, proteins, any CSV/JSON) with ft, LoRA, DoRA or BiDoRA.
 
     python examples/NLU/run_glue.py --config examples/NLU/configs/roberta_base_rte.yaml --seed 0 --output_dir runs/x
     python examples/NLU/run_glue.py --model_name_or_path roberta-base --task_name rte --method dora \
@@ -6,23 +6,17 @@
     python examples/NLU/run_glue.py --help       # every option; a --config YAML file sets any of them (flat keys)
 
 Laid out like transformers' own run_glue.py: ``HfArgumentParser`` over ``ModelArguments``,
-``DataTrainingArguments``, ``loralib.AdapterConfig`` itself (every adapter option, with the library's defaults;
-``--method`` adds ``ft``), ``RunArguments`` (this runner's own) and ``loralib.BiDoRATrainingArguments`` (every
-Trainer option and the bi-level ones); the values of ``--config file.yaml`` are defaults that the command line
-overrides. Every option survives torchrun's own parser (``--lora_r`` is ``--r`` for torchrun command lines: torchrun
-takes ``--r`` for one of its own options). One ``loralib.BiDoRATrainer`` runs every method (ft, lora and dora
-exactly as a plain Trainer), so all of them go through one pipeline. It holds out ``upper_fraction`` of train and
-says so: BiDoRA's magnitudes train on it and every method is selected on it (``heldout``; for ft / lora / dora the
-runner passes it on as the trainer's ``heldout_fraction`` unless ``--heldout_fraction`` is given; 0 trains them on
-all of train and reports the final model); ``--select_on_dev`` selects on the first dev split over time instead (the
-original code's optimistic protocol, labelled ``dev_best_over_time``). No option selects on a test split;
-``results.json`` names the split selection used (``selection_split``). BiDoRA
-with ``--retrain_max_steps N`` then retrains fresh directions on all of train with the magnitudes frozen and reports
-that final model (``final``), the search phase staying in the history.
+``DataTrainingArguments``, ``loralib.AdapterConfig`` (``--method`` adds ``ft``), ``RunArguments`` and
+``loralib.BiDoRATrainingArguments``; ``--config file.yaml`` gives defaults that the command line overrides. Data go
+through ``datasets`` (glue_data.py: local CSV/TSV/JSON or the hub; ``--task_name`` is optional with local files) and
+transformers' ``DataCollatorWithPadding``. One ``loralib.BiDoRATrainer`` runs every method; it holds out
+``upper_fraction`` of train, on which every method is selected (``heldout``; ``--select_on_dev``: the first dev split
+over time, ``dev_best_over_time``); BiDoRA with ``--retrain_max_steps N`` then retrains fresh directions with the
+magnitudes frozen and reports that final model (``final``). examples/NLU/README.md has the details.
 
-Writes ``output_dir/results.json`` (docs/CONTRACTS.md), ``adapter/``, ``log.csv``, ``snapshots/``, checkpoints
-while running. The same command resumes an unfinished run. Exit status: 0 done, 1 bad input (one ``error:`` line),
-2 bad command line or config.
+Writes ``output_dir/results.json`` (docs/CONTRACTS.md), transformers' ``all_results.json``, ``adapter/``,
+``log.csv``, ``snapshots/``, checkpoints while running. The same command resumes an unfinished run. Exit status:
+0 done, 1 bad input (one ``error:`` line), 2 bad command line or config.
 """
 
 from __future__ import annotations
@@ -34,37 +28,20 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import datasets  # noqa: E402
+import run_helpers as rh  # noqa: E402
 import torch  # noqa: E402
-from glue_data import GlueCollator, default_cache_dir, load_raw_splits, tokenize_split  # noqa: E402
+from glue_data import FILE_OPTIONS, load_glue_datasets  # noqa: E402
 from glue_metrics import compute_metrics  # noqa: E402
 from glue_tasks import TASK_NAMES, GlueTask, get_task  # noqa: E402
 from modeling import POOLINGS, load_classifier  # noqa: E402
-from run_helpers import (  # noqa: E402
-    RENAMED,
-    CsvLogCallback,
-    RunError,
-    SelectionCallback,
-    SnapshotCallback,
-    apply_config,
-    check_checkpoint,
-    find_checkpoint,
-    history_rows,
-    inspect_output_dir,
-    load_pretrained,
-    logits_of,
-    metrics_at,
-    peak_memory_bytes,
-    position_limit,
-    versions,
-    write_predictions,
-)
-from transformers import HfArgumentParser, set_seed  # noqa: E402
+from run_helpers import RunError  # noqa: E402
+from transformers import DataCollatorWithPadding, HfArgumentParser, set_seed  # noqa: E402
 from transformers.training_args import IntervalStrategy  # noqa: E402
 
 import loralib  # noqa: E402
@@ -82,9 +59,9 @@ SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="steps", eval_
 TRAJECTORY = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
               "max_grad_norm", "max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "optim",
               "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "upper_fraction",
-              "heldout_fraction",
-              "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient", "unroll_steps",
-              "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations", "damped_solve_damping", "orth_reg")
+              "heldout_fraction", "upper_learning_rate", "upper_weight_decay", "upper_batch_size", "hypergradient",
+              "unroll_steps", "darts_alpha", "neumann_iterations", "neumann_alpha", "cg_iterations",
+              "damped_solve_damping", "orth_reg")
 
 
 @dataclass
@@ -98,10 +75,14 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    task_name: str = field(metadata={"help": f"Task, one of: {', '.join(TASK_NAMES)}."})
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv/.tsv/.json/.jsonl, "
-                                   "GLUE column names) instead of the hub; with any local file only local files "
-                                   "are read."})
+    task_name: str | None = field(default=None, metadata={"help": f"Task, one of: {', '.join(TASK_NAMES)}. Optional "
+                                  "with local files: the task is then inferred from train (classification over its "
+                                  "distinct labels, or regression when they are numbers not all whole)."})
+    text_column: list[str] | None = field(default=None, metadata={"help": "One or two text columns of the local "
+                                          "files (default: the task's, e.g. sentence1 sentence2, or inferred)."})
+    label_column: str = field(default="label", metadata={"help": "The label column of the local files."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv/.tsv/.json/.jsonl) "
+                                   "instead of the hub; with any local file only local files are read."})
     validation_file: str | None = field(default=None, metadata={"help": "Local dev file (MNLI: matched)."})
     validation_mismatched_file: str | None = field(default=None, metadata={"help": "Local MNLI mismatched dev file."})
     test_file: str | None = field(default=None, metadata={"help": "Local test file; labels optional."})
@@ -111,13 +92,20 @@ class DataTrainingArguments:
                                     "scripts) instead of to its longest example."})
     space_residues: bool = field(default=False, metadata={"help": "Put a space between the characters of every "
                                  "text (protein models with one token per residue, e.g. AntiBERTy)."})
-    token_cache: bool = field(default=True, metadata={"help": "Cache tokenised data under $LORALIB_CACHE_DIR "
-                              "(default ~/.cache/loralib)."})
+    token_cache: bool = field(default=True, metadata={"help": "Keep the parsed files and tokens in datasets' cache "
+                              "(HF_DATASETS_CACHE) for the next run; false: in memory only."})
 
     def __post_init__(self) -> None:
-        self.task: GlueTask = get_task(self.task_name)
-        if self.validation_mismatched_file is not None and self.task.name != "mnli":
+        self.task: GlueTask | None = get_task(self.task_name) if self.task_name else None
+        if self.task is None and not any(getattr(self, option) for option in FILE_OPTIONS):
+            raise ValueError("--task_name is needed for a hub dataset (with local files, e.g. --train_file, it is "
+                             "optional)")
+        if self.validation_mismatched_file is not None and getattr(self.task, "name", None) != "mnli":
             raise ValueError("--validation_mismatched_file is only for MNLI")
+        if isinstance(self.text_column, str):  # one string in a YAML config
+            self.text_column = [self.text_column]
+        if self.text_column is not None and len(self.text_column) not in (1, 2):
+            raise ValueError(f"--text_column takes one or two column names, got {len(self.text_column)}")
         if self.max_length < 2:
             raise ValueError(f"--max_length must be >= 2, got {self.max_length}")
 
@@ -184,10 +172,10 @@ def parse_args(argv: list[str] | None = None):
     pre.add_argument("--config")
     config = pre.parse_known_args(argv)[0].config
     if config:
-        apply_config(parser, config)
+        rh.apply_config(parser, config)
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
-        hints = [f"{a} is now --{RENAMED[a[2:]]}" for a in remaining if a.startswith("--") and a[2:] in RENAMED]
+        hints = [f"{a} is now --{rh.RENAMED[a[2:]]}" for a in remaining if a.startswith("--") and a[2:] in rh.RENAMED]
         parser.error(f"unrecognized arguments: {' '.join(remaining)}" + (f" ({'; '.join(hints)})" if hints else ""))
     method = namespace.method
     if method == "ft":  # no adapter is applied; the other adapter options are still checked
@@ -229,18 +217,18 @@ def held_out_fraction(method: str, args: BiDoRATrainingArguments) -> float:
 
 
 # ---- data and model ---------------------------------------------------------------------------------------------
-def load_datasets(data_args: DataTrainingArguments, tokenizer) -> dict:
-    raw = load_raw_splits(data_args.task, train_file=data_args.train_file, validation_file=data_args.validation_file,
-                          validation_mismatched_file=data_args.validation_mismatched_file,
-                          test_file=data_args.test_file)
-    if "train" not in raw:
+def load_datasets(data_args: DataTrainingArguments, tokenizer) -> tuple[GlueTask, dict]:
+    """``(task, {split: tokenised datasets.Dataset})``; the task is inferred from train without --task_name."""
+    task, data = load_glue_datasets(data_args.task, tokenizer, data_args.max_length, text_columns=data_args.text_column,
+                                    label_column=data_args.label_column, space_residues=data_args.space_residues,
+                                    cache=data_args.token_cache,
+                                    **{option: getattr(data_args, option) for option in FILE_OPTIONS})
+    if "train" not in data:
         raise RunError("no training split: give --train_file (or use a hub task without local files)")
-    if data_args.space_residues:  # "MKV" -> "M K V": one token per residue
-        for split in raw.values():
-            split.texts = [[" ".join("".join(t.split())) for t in column] for column in split.texts]
-    cache = default_cache_dir() if data_args.token_cache else None
-    return {name: tokenize_split(split, tokenizer, data_args.max_length, cache_dir=cache)
-            for name, split in raw.items()}
+    if data_args.task is None:
+        print(f"no --task_name, inferred from train: {', '.join(task.text_columns)} -> {data_args.label_column}, " + (
+            f"{task.num_labels} classes ({', '.join(task.label_names)})" if task.label_names else "regression"))
+    return task, data
 
 
 def build_model(model_args: ModelArguments, adapter_config: loralib.AdapterConfig | None, task: GlueTask):
@@ -255,20 +243,14 @@ def build_model(model_args: ModelArguments, adapter_config: loralib.AdapterConfi
     return model
 
 
-def flat_config(*groups) -> dict:
-    out = {}
-    for group in groups:
-        out.update(group.to_dict() if hasattr(group, "to_dict") else asdict(group))
-    return json.loads(json.dumps(out, default=str))
-
-
 # ---- the run ------------------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
     """Everything checked before the output folder is touched."""
 
     status: str
-    tokenizer: object
+    task: GlueTask
+    collator: DataCollatorWithPadding
     data: dict
     evals: dict
     model: torch.nn.Module
@@ -286,15 +268,17 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
             run_args: RunArguments, args: BiDoRATrainingArguments) -> Plan:
     """Check the output folder, load tokenizer, data and model, decide the selection and where to resume from.
     Reads only: nothing is written before every input has been checked."""
-    task, out = data_args.task, Path(args.output_dir)
-    status = inspect_output_dir(out, run_args.overwrite_output_dir)
-    config, tokenizer = load_pretrained(model_args.model_name_or_path)
-    limit = position_limit(config)
+    out = Path(args.output_dir)
+    status = rh.inspect_output_dir(out, run_args.overwrite_output_dir)
+    config, tokenizer = rh.load_pretrained(model_args.model_name_or_path)
+    limit = rh.position_limit(config)
     if limit is not None and data_args.max_length > limit:
         raise RunError(f"--max_length {data_args.max_length} is beyond the {limit} positions "
                        f"{model_args.model_name_or_path} can read; use --max_length {limit} or less")
-    data = load_datasets(data_args, tokenizer)
-    evals = {n: d for n, d in data.items() if n != "train" and d.has_labels} if args.do_eval else {}
+    if args.disable_tqdm:
+        datasets.disable_progress_bars()
+    task, data = load_datasets(data_args, tokenizer)
+    evals = {n: d for n, d in data.items() if n != "train" and "label" in d.column_names} if args.do_eval else {}
     dev = [n for n in evals if not n.startswith("test")]
     if run_args.select_on_dev and not dev:
         raise RunError("--select_on_dev selects on a labelled dev split and this run has none (give "
@@ -302,6 +286,9 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
     set_seed(args.seed)  # the head's initialisation depends on the seed only
     model = build_model(model_args, None if run_args.method == "ft" else adapter_config, task)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    pad = data_args.pad_to_max_length  # the original scripts' setting; else to the longest example of each batch
+    collator = DataCollatorWithPadding(tokenizer, padding="max_length" if pad else "longest",
+                                       max_length=data_args.max_length if pad else None)
 
     # What is reported: the model best on held-out train data, the best dev score over time, or the final model.
     metric = (args.metric_for_best_model or task.select_metric).removeprefix("eval_")
@@ -320,32 +307,71 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
     else:
         selection = "heldout" if split == "heldout" else "dev_best_over_time"
         args.metric_for_best_model, args.greater_is_better = f"{split}_{metric}", greater
-    plan = Plan(status, tokenizer, data, evals, model, trainable, selection, metric, greater,
-                flat_config(model_args, data_args, adapter_config, run_args, args))
+    plan = Plan(status, task, collator, data, evals, model, trainable, selection, metric, greater,
+                rh.flat_config(model_args, data_args, adapter_config, run_args, args))
     plan.selection_split = None if selection == "final" else split
-    if status == "resume":
-        saved = json.loads((out / "run_config.json").read_text()) if (out / "run_config.json").is_file() else {}
+    if status == "resume":  # the settings a resumed run must share, where it resumes, and whether that fits
         keys = [k for g in (model_args, data_args, adapter_config, run_args) for k in g.__dataclass_fields__
-                if k not in ("overwrite_output_dir", "token_cache", "snapshots", "keep_checkpoints")]
-        # keys a run of an older run_glue did not record (e.g. use_rslora) had no other value then
-        changed = [k for k in (*keys, *TRAJECTORY) if k in saved and saved[k] != plan.run_config.get(k)]
-        if changed:
-            raise RunError(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); run the same "
-                           "command, or pass --overwrite_output_dir to start afresh")
-        plan.search_done = run_args.retrain_max_steps > 0 and (out / "search_state.json").is_file()
-        required = ("trainer_state.json",) + (("selection.json",) if selection != "final" else ())
-        plan.checkpoint = find_checkpoint(out / "retrain" if plan.search_done else out, required)
+                if k not in ("overwrite_output_dir", "token_cache", "snapshots", "keep_checkpoints")] + [*TRAJECTORY]
+        plan.search_done, plan.checkpoint = rh.resume_point(out, plan.run_config, keys, run_args.retrain_max_steps > 0,
+                                                         ("selection.json",) if selection != "final" else ())
         if plan.checkpoint is not None:  # the checkpoint's model state against this run's, before anything is loaded
-            check_checkpoint(plan.checkpoint, model, run_args.method, run_args.method == "bidora" and
-                             not plan.search_done)
+            rh.check_checkpoint(plan.checkpoint, model, run_args.method, run_args.method == "bidora" and
+                                not plan.search_done)
     return plan
+
+
+def run_phase(plan: Plan, run_args: RunArguments, args: BiDoRATrainingArguments, phase_args, name: str, offset: int,
+              resume_from: Path | None) -> tuple[BiDoRATrainer, list[dict], rh.SelectionCallback | None, dict, float]:
+    """BiDoRA's search or retraining phase (the only phase of the other methods) from step ``offset`` of the run:
+    ``(trainer, its evaluations, the selection callback, the Trainer's train metrics, the run's seconds so far)``."""
+    out, task, search = Path(args.output_dir), plan.task, name == "search"
+    if not (plan.evals or (search and held_out_fraction(run_args.method, args) > 0)):
+        phase_args.eval_strategy = IntervalStrategy.NO
+    trainer = BiDoRATrainer(model=plan.model, args=phase_args, train_dataset=plan.data["train"],
+                            eval_dataset=plan.evals or None, data_collator=plan.collator, retrain=not search,
+                            compute_metrics=lambda p: compute_metrics(task, rh.logits_of(p), p.label_ids))
+    if search and trainer.upper_dataset is not None and args.process_index == 0:
+        role = ("BiDoRA's magnitudes train on it and the model is selected on it" if run_args.method == "bidora"
+                else "the model is selected on it; --upper_fraction 0 (or --heldout_fraction 0) trains on all of train")
+        print(f"holding out {held_out_fraction(run_args.method, args):.0%} of train ({len(trainer.upper_dataset)} of "
+              f"{len(plan.data['train'])} examples) as the heldout split: {role}", flush=True)
+    log = rh.CsvLogCallback(out / "log.csv", name, offset)
+    selector = None
+    if search and plan.selection != "final":
+        selector = rh.SelectionCallback("eval_" + trainer.args.metric_for_best_model, plan.trainable, plan.greater)
+        if resume_from is not None:
+            selector.load(resume_from)
+    snapshots = rh.SnapshotCallback(plan.model, out / "snapshots", run_args.snapshots, offset,
+                                    run_args.retrain_max_steps if search else 0, plan.run_config["target_modules"])
+    for callback in (log, snapshots, selector):  # after BiDoRATrainer's upper step: they see the stepped magnitudes
+        if callback is not None:
+            trainer.add_callback(callback)
+    metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+    splits = ["heldout", *plan.evals]
+    rows = rh.history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
+    if not any(r["step"] == offset + trainer.state.global_step for r in rows) and trainer.eval_dataset:
+        trainer.evaluate()  # the final model may be reported: make sure it was evaluated
+        rows = rh.history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
+    return trainer, rows, selector, metrics, log.elapsed
+
+
+def retrain_arguments(args: BiDoRATrainingArguments, run_args: RunArguments) -> BiDoRATrainingArguments:
+    """The Trainer options of BiDoRA's retraining phase: ``--retrain_*`` over the search phase's."""
+    retrain = copy.copy(args)
+    retrain.output_dir, retrain.max_steps = str(Path(args.output_dir) / "retrain"), run_args.retrain_max_steps
+    for name in ("learning_rate", "weight_decay"):
+        if getattr(run_args, f"retrain_{name}") is not None:
+            setattr(retrain, name, getattr(run_args, f"retrain_{name}"))
+    if run_args.retrain_eval_strategy is not None:
+        retrain.eval_strategy = IntervalStrategy(run_args.retrain_eval_strategy)
+    return retrain
 
 
 def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArguments,
           adapter_config: loralib.AdapterConfig, run_args: RunArguments, args: BiDoRATrainingArguments) -> dict:
     """Train (resuming where the plan says), select, write ``results.json``; returns the results."""
-    task, out, main, model, data, evals = data_args.task, Path(args.output_dir), args.process_index == 0, \
-        plan.model, plan.data, plan.evals
+    out, main, model = Path(args.output_dir), args.process_index == 0, plan.model
     if plan.status == "resume":
         print(f"resuming the unfinished run in {out}" + (f" from {plan.checkpoint}" if plan.checkpoint else ""),
               flush=True)
@@ -355,44 +381,10 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
         if main and plan.status != "resume":
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "run_config.json", json.dumps(plan.run_config, indent=2))
-    collate = GlueCollator.from_tokenizer(plan.tokenizer, pad_to_max_length=data_args.pad_to_max_length,
-                                          max_length=data_args.max_length)
-    extra = {"data_collator": collate, "compute_metrics": lambda p: compute_metrics(task, logits_of(p), p.label_ids)}
-
-    def phase(name, phase_args, offset, later, resume_from, **kw):
-        if not (evals or (name == "search" and held_out_fraction(run_args.method, args) > 0)):
-            phase_args.eval_strategy = IntervalStrategy.NO
-        trainer = BiDoRATrainer(model=model, args=phase_args, train_dataset=data["train"], eval_dataset=evals or None,
-                                **extra, **kw)
-        if name == "search" and trainer.upper_dataset is not None and main:
-            role = ("BiDoRA's magnitudes train on it and the model is selected on it" if run_args.method == "bidora"
-                    else "the model is selected on it; --upper_fraction 0 (or --heldout_fraction 0) trains on all "
-                    "of train")
-            print(f"holding out {held_out_fraction(run_args.method, args):.0%} of train "
-                  f"({len(trainer.upper_dataset)} of {len(data['train'])} examples) as the heldout split: {role}",
-                  flush=True)
-        log = CsvLogCallback(out / "log.csv", name, offset)
-        selector = None
-        if name == "search" and plan.selection != "final":
-            selector = SelectionCallback("eval_" + trainer.args.metric_for_best_model, plan.trainable, plan.greater)
-            if resume_from is not None:
-                selector.load(resume_from)
-        snapshots = SnapshotCallback(model, out / "snapshots", run_args.snapshots, offset, later,
-                                     adapter_config.target_modules)
-        for callback in (log, snapshots, selector):
-            if callback is not None:
-                trainer.add_callback(callback)  # after BiDoRATrainer's upper step: they see the stepped magnitudes
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        splits = ["heldout", *evals]
-        rows = history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
-        if not any(r["step"] == offset + trainer.state.global_step for r in rows) and trainer.eval_dataset:
-            trainer.evaluate()  # the final model may be reported: make sure it was evaluated
-            rows = history_rows(trainer.state.log_history, splits, task.metric_names, name, offset)
-        return trainer, rows, selector, log
-
     selector, retrain = None, run_args.retrain_max_steps > 0
     if not plan.search_done:
-        trainer, history, selector, log = phase("search", args, 0, run_args.retrain_max_steps, plan.checkpoint)
+        trainer, history, selector, metrics, elapsed = run_phase(plan, run_args, args, args, "search", 0,
+                                                                 plan.checkpoint)
         steps, sizes = trainer.state.global_step, {"lower": len(trainer.train_dataset)}
         if trainer.upper_dataset is not None:
             sizes["heldout"] = len(trainer.upper_dataset)
@@ -409,16 +401,8 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed + 7777)
                 loralib.reset_directions(model)
-        retrain_args = copy.copy(args)
-        retrain_args.output_dir, retrain_args.max_steps = str(out / "retrain"), run_args.retrain_max_steps
-        if run_args.retrain_learning_rate is not None:
-            retrain_args.learning_rate = run_args.retrain_learning_rate
-        if run_args.retrain_weight_decay is not None:
-            retrain_args.weight_decay = run_args.retrain_weight_decay
-        if run_args.retrain_eval_strategy is not None:
-            retrain_args.eval_strategy = IntervalStrategy(run_args.retrain_eval_strategy)
-        resume_from = plan.checkpoint if plan.search_done else None
-        trainer, rows, _, log = phase("retrain", retrain_args, steps, 0, resume_from, retrain=True)
+        trainer, rows, _, metrics, elapsed = run_phase(plan, run_args, args, retrain_arguments(args, run_args),
+                                                       "retrain", steps, plan.checkpoint if plan.search_done else None)
         history, steps = history + rows, steps + trainer.state.global_step
 
     selection, selected_step = plan.selection, steps
@@ -430,33 +414,45 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
               file=sys.stderr)
         selection = "final"
     if args.do_predict:
-        write_predictions(trainer, data, task, out, main)
+        rh.write_predictions(trainer, plan.data, plan.task, out, main)
     results = {
-        "task": task.name, "model": model_args.model_name_or_path, "method": run_args.method,
+        "task": plan.task.name, "model": model_args.model_name_or_path, "method": run_args.method,
         "rank": None if run_args.method == "ft" else adapter_config.r, "seed": args.seed,
         "selection": selection, "selected_step": selected_step, "select_metric": plan.select_metric,
         "selection_split": None if selection == "final" else plan.selection_split,
-        "paper_metric": task.paper_metric, "pooling": model_args.pooling,
-        "eval": metrics_at(history, selected_step, task.metric_names),
-        "final_eval": metrics_at(history, steps, task.metric_names), "history": history, "config": plan.run_config,
-        "trainable_parameters": sum(p.numel() for p in plan.trainable.values()),
-        "total_parameters": sum(p.numel() for p in model.parameters()), "wall_time_s": log.elapsed,
-        "peak_memory_bytes": peak_memory_bytes(args.device), "world_size": args.world_size,
-        "device": str(args.device), "versions": versions(),
-        "data_sizes": {"train": len(data["train"]), **sizes, **{n: len(d) for n, d in data.items() if n != "train"}},
+        "paper_metric": plan.task.paper_metric, "pooling": model_args.pooling,
+        "eval": rh.metrics_at(history, selected_step, plan.task.metric_names),
+        "final_eval": rh.metrics_at(history, steps, plan.task.metric_names), "history": history,
+        "config": plan.run_config, "trainable_parameters": sum(p.numel() for p in plan.trainable.values()),
+        "total_parameters": sum(p.numel() for p in model.parameters()), "wall_time_s": elapsed,
+        "peak_memory_bytes": rh.peak_memory_bytes(args.device), "world_size": args.world_size,
+        "device": str(args.device), "versions": rh.versions(),
+        "data_sizes": {"train": len(plan.data["train"]), **sizes,
+                       **{n: len(d) for n, d in plan.data.items() if n != "train"}},
     }
     if main:
-        if loralib.get_adapter_config(model) is not None:  # PEFT's format, with a model card
-            sizes = ", ".join(f"{split} {n}" for split, n in results["data_sizes"].items())
-            loralib.save_adapters(
-                model, out / "adapter", metrics={f"{split} at step {selected_step} (selection: {selection})": values
-                                                 for split, values in results["eval"].items()},
-                training_data=f"{task.name} ({data_args.train_file or 'hub dataset'}), examples per split: {sizes}")
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-        if not run_args.keep_checkpoints:
-            for path in [*out.glob("checkpoint-*"), out / "retrain", out / "search_adapter", out / "search_state.json"]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        write_outputs(results, metrics, plan, data_args, run_args, out)
     return results
+
+
+def write_outputs(results: dict, train_metrics: dict, plan: Plan, data_args: DataTrainingArguments,
+                  run_args: RunArguments, out: Path) -> None:
+    """``adapter/`` (with a model card), transformers' ``all_results.json`` (the last phase's train metrics and the
+    reported evaluations, ``eval_<split>_<metric>``), then ``results.json``: the run's end."""
+    selected, selection = results["selected_step"], results["selection"]
+    if loralib.get_adapter_config(plan.model) is not None:
+        sizes = ", ".join(f"{split} {n}" for split, n in results["data_sizes"].items())
+        loralib.save_adapters(
+            plan.model, out / "adapter", metrics={f"{split} at step {selected} (selection: {selection})": values
+                                                  for split, values in results["eval"].items()},
+            training_data=f"{plan.task.name} ({data_args.train_file or 'hub dataset'}), examples per split: {sizes}")
+    evaluations = {f"eval_{split}_{m}": v for split, values in results["eval"].items() for m, v in values.items()}
+    all_results = {**train_metrics, "train_samples": results["data_sizes"]["lower"], **evaluations}
+    atomic_write_text(out / "all_results.json", json.dumps(all_results, indent=4, sort_keys=True) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    if not run_args.keep_checkpoints:
+        for path in [*out.glob("checkpoint-*"), out / "retrain", out / "search_adapter", out / "search_state.json"]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ to the run too.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import importlib.metadata
 import io
@@ -166,9 +167,9 @@ def apply_config(parser, path: str) -> None:
 # ---- the output folder and its checkpoints ------------------------------------------------------------------------
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # loralib.files.atomic_write's temporary files, left by a kill
-RUN_FILES = {"results.json", "log.csv", "run_config.json", "adapter", "snapshots", "retrain", "search_adapter",
-             "search_state.json", "runs", "loralib_run.json"}  # runs/: TensorBoard's logs (--report_to tensorboard);
-# loralib_run.json: the base model the run used (loralib.BiDoRATrainer writes it; loralib.load_checkpoint reads it)
+RUN_FILES = {"results.json", "all_results.json", "log.csv", "run_config.json", "adapter", "snapshots", "retrain",
+             "search_adapter", "search_state.json", "runs", "loralib_run.json"}  # runs/: TensorBoard's logs
+# (--report_to tensorboard); loralib_run.json: the base model the run used (loralib.BiDoRATrainer writes it)
 
 
 def is_run_file(name: str) -> bool:
@@ -243,6 +244,24 @@ def find_checkpoint(folder: Path, required: tuple[str, ...] = ("trainer_state.js
     return newest
 
 
+def resume_point(out: Path, run_config: dict, keys: list[str], retrain: bool,
+                 required: tuple[str, ...] = ()) -> tuple[bool, Path | None]:
+    """For the unfinished run in ``out``: whether BiDoRA's search phase is done (``retrain``: the run has a retraining
+    phase), and the checkpoint to resume from (:func:`find_checkpoint`, with the ``required`` files).
+
+    Raises:
+        RunError: ``run_config.json`` records other values of ``keys`` than ``run_config`` (keys a run of an older
+            run_glue did not record, e.g. use_rslora, had no other value then).
+    """
+    saved = json.loads((out / "run_config.json").read_text()) if (out / "run_config.json").is_file() else {}
+    changed = [k for k in keys if k in saved and saved[k] != run_config.get(k)]
+    if changed:
+        raise RunError(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); run the same "
+                       "command, or pass --overwrite_output_dir to start afresh")
+    search_done = retrain and (out / "search_state.json").is_file()
+    return search_done, find_checkpoint(out / "retrain" if search_done else out, ("trainer_state.json", *required))
+
+
 def _ways_out(checkpoint: Path) -> str:
     step = int(_CHECKPOINT.match(checkpoint.name)[1])
     steps = sorted(int(m.group(1)) for p in checkpoint.parent.iterdir()
@@ -275,10 +294,18 @@ def load_pretrained(name: str):
     elif name.startswith((".", "/", "~")):
         raise RunError(f"--model_name_or_path {name}: no such folder")
     try:
-        return AutoConfig.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        config, tokenizer = AutoConfig.from_pretrained(name), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunError(f"cannot load model {name!r}: {first}") from None
+    # Without its files transformers builds a tokenizer of special tokens only: every text would become [CLS] [SEP].
+    files = sorted({"tokenizer.json", *tokenizer.vocab_files_names.values()})
+    if path.is_dir() and not any((path / f).is_file() for f in files):
+        raise RunError(f"--model_name_or_path {name} has no tokenizer files (none of {', '.join(files)}): put the "
+                       "model's tokenizer in the folder (tokenizer.save_pretrained)")
+    if tokenizer.pad_token is None:
+        raise RunError(f"the tokenizer of {name} has no padding token; set one (tokenizer.pad_token) and save it")
+    return config, tokenizer
 
 
 def position_limit(config) -> int | None:
@@ -446,6 +473,14 @@ def history_rows(log_history: list[dict], splits: list[str], metrics: tuple[str,
 def metrics_at(history: list[dict], step: int, metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """``{split: {metric: value}}`` of the evaluations at ``step`` (the task's metrics only)."""
     return {row["split"]: {m: row[m] for m in metrics if m in row} for row in history if row["step"] == step}
+
+
+def flat_config(*groups) -> dict:
+    """The options of every argument dataclass in one flat JSON-safe dict (run_config.json, results' config)."""
+    out = {}
+    for group in groups:
+        out.update(group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group))
+    return json.loads(json.dumps(out, default=str))
 
 
 def versions() -> dict[str, str]:

@@ -621,9 +621,9 @@ def main(argv: list[str] | None = None) -> int:
                  "--retrain_max_steps", "0", "--eval_strategy", "no", "--save_strategy", "no",
                  *estimator_flags(name, measured_delta)]
         groups = run_glue.parse_args(flags)
-        data_args, targs = groups[1], groups[-1]
+        targs = groups[-1]
         plan_ = run_glue.prepare(*groups)
-        collate = run_glue.GlueCollator.from_tokenizer(plan_.tokenizer, max_length=data_args.max_length)
+        collate = plan_.collator  # run_glue's own padding (DataCollatorWithPadding)
         run = {"flags": estimator_flags(name, measured_delta), "probes": {}}
         if not args.time_rounds:
             record["runs"][name] = run

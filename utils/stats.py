@@ -1,24 +1,65 @@
-"""Wilcoxon signed-rank test of one method against another (BiDoRA vs DoRA by default) over paired runs.
+"""The statistics every report uses: seed series, paired differences (percentile bootstrap interval of the mean,
+Wilcoxon signed-rank test), Holm's adjustment, and the BiDoRA-against-DoRA pairing of the paper tables.
 
-Pairs are (model, rank, task, seed): the same seed of the same task, model and rank trained with both methods. When
-no seed pairs at all (e.g. different seed sets), the per-(model, rank, task) means over seeds are paired instead.
-Only GLUE tasks by default (the paper's claim: BiDoRA beats DoRA on GLUE, p = 2.4e-4). Differences are a − b in
-display units (percent points), oriented so that positive means `a` is better.
-
-`paired_test` is the statistic on its own (any list of paired differences, e.g. the seeds of two methods in
-utils/report.py): mean difference, its percentile bootstrap interval, and the Wilcoxon signed-rank test.
+Differences are a − b, in the units of the values given (the reports give percent points).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.stats import bootstrap, wilcoxon
 
 # Below this many non-zero differences the exact test cannot reach p < 0.05 two-sided (2 / 2^5 = 0.0625).
 MIN_PAIRS_FOR_5_PERCENT = 6
+
+
+def mean_and_sample_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof = 1; None for a single value)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that are not None; None when there are none."""
+    present = [v for v in values if v is not None]
+    return float(np.median(present)) if present else None
+
+
+@dataclass
+class Series:
+    """Values of one unit (a method, a table cell, a point of a curve), one per seed, in seed order."""
+
+    values: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return mean_and_sample_std(self.values)[0]
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (ddof = 1); None for a single seed."""
+        return mean_and_sample_std(self.values)[1]
+
+
+def group_series(items: Iterable, key: Callable, value: Callable, seed: Callable = lambda x: x.seed) -> dict:
+    """{key(item): Series of value(item)}, seeds ascending. Two items with the same key and seed are an error."""
+    out: dict[Any, Series] = {}
+    for item in sorted(items, key=seed):
+        s = out.setdefault(key(item), Series())
+        if seed(item) in s.seeds:
+            raise ValueError(f"two results for {key(item)!r} seed {seed(item)}")
+        s.values.append(value(item))
+        s.seeds.append(seed(item))
+    return out
 
 
 @dataclass
@@ -78,6 +119,35 @@ def paired_test(diffs, confidence: float = 0.95, n_resamples: int = 9999, seed: 
     return test
 
 
+def seed_differences(a: Series, b: Series, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    """``a − b`` per seed both have (times ``scale``), in ``a``'s seed order: the seeds and the differences."""
+    bv = dict(zip(b.seeds, b.values))
+    pairs = [(s, scale * (v - bv[s])) for s, v in zip(a.seeds, a.values) if s in bv]
+    return [s for s, _ in pairs], [d for _, d in pairs]
+
+
+def paired_differences(a: Series, b: Series, scale: float = 1.0) -> tuple[list[int], PairedTest]:
+    """``a − b`` over the seeds both have (times ``scale``): the seeds used and the paired test."""
+    seeds, diffs = seed_differences(a, b, scale)
+    return seeds, paired_test(diffs)
+
+
+def holm_adjust(p_values) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p values (Holm 1979, "A simple sequentially rejective multiple
+    test procedure"): sort ascending, ``p_(i) · (m − i + 1)`` (i from 1), made non-decreasing, capped at 1, returned
+    in the input order. Rejecting where the adjusted p < α controls the family-wise error rate at α. ``None``
+    entries (no test possible) are left out of the family and stay ``None``."""
+    present = [(i, float(p)) for i, p in enumerate(p_values) if p is not None]
+    m, adjusted, running = len(present), [None] * len(p_values), 0.0
+    for rank, (i, p) in enumerate(sorted(present, key=lambda x: x[1])):
+        running = max(running, min(1.0, p * (m - rank)))
+        adjusted[i] = running
+    return adjusted
+
+
+# ---- the paper tables' test: BiDoRA against DoRA over (model, rank, task, seed) pairs -----------------------------
+
+
 @dataclass(kw_only=True)
 class WilcoxonReport(PairedTest):
     a: str
@@ -89,7 +159,8 @@ class WilcoxonReport(PairedTest):
 
 
 def make_pairs(scores, a: str, b: str, pair_by: str, tasks, lower_is_better=()) -> tuple[str, list[dict], list[str]]:
-    """Pair the scores of methods `a` and `b`.
+    """Pair the scores of methods `a` and `b`: the same seed of the same (model, rank, task), or with ``task-mean``
+    (``auto`` when no seed pair exists) the per-(model, rank, task) means over seeds.
 
     Args:
         scores: objects with .model, .method, .rank, .task, .seed, .value (one per run and task).
@@ -110,7 +181,7 @@ def make_pairs(scores, a: str, b: str, pair_by: str, tasks, lower_is_better=()) 
     mode = pair_by if pair_by != "auto" else ("seed" if seed_pairs else "task-mean")
 
     if mode == "seed":
-        grouped = {k: v for k, v in by_seed.items()}
+        grouped = dict(by_seed)
     else:
         collected: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for (model, rank, task, _seed), v in by_seed.items():
@@ -123,9 +194,8 @@ def make_pairs(scores, a: str, b: str, pair_by: str, tasks, lower_is_better=()) 
         model, rank, task, seed = key
         values = grouped[key]
         if len(values) < 2:
-            only = next(iter(values))
             where = f"{model} r={rank} {task}" + (f" seed {seed}" if seed is not None else "")
-            unpaired.append(f"{where}: only {only}")
+            unpaired.append(f"{where}: only {next(iter(values))}")
             continue
         sign = -1.0 if task in lower_is_better else 1.0
         pairs.append({"model": model, "rank": rank, "task": task, "seed": seed, a: values[a], b: values[b],
@@ -144,48 +214,3 @@ def wilcoxon_test(scores, a: str = "bidora", b: str = "dora", pair_by: str = "au
         test.messages = [f"no pairs: no {mode} unit was run with both {a} and {b}; no test"]
     return WilcoxonReport(a=a, b=b, pair_by=mode, pairs=pairs, unpaired=unpaired, tasks=sorted(set(tasks)),
                           **vars(test))
-
-
-def format_wilcoxon_markdown(report: WilcoxonReport, labels: dict[str, str] | None = None,
-                             paper_p: float | None = None, decimals: int = 2) -> str:
-    """Markdown section: what the pairs are, n, the statistic and p-values, and every pair."""
-    labels = labels or {}
-    la, lb = labels.get(report.a, report.a), labels.get(report.b, report.b)
-    unit = "(model, r, task, seed)" if report.pair_by == "seed" else "(model, r, task), means over each method's seeds"
-    lines = [f"## Wilcoxon signed-rank test: {la} vs {lb}", ""]
-    lines.append(f"Pairs: one per {unit}; tasks: {', '.join(report.tasks)}. Difference = {la} − {lb} "
-                 "(positive: " + la + " better). n = " + f"{report.n} pairs ({report.n_nonzero} non-zero).")
-    if report.p_two_sided is not None:
-        lines.append(f"Statistic min(W+, W−) = {report.statistic:g}; p two-sided = {report.p_two_sided:.4g}; "
-                     f"p one-sided ({la} > {lb}) = {report.p_greater:.4g}.")
-    else:
-        lines.append("No test was run.")
-    if report.ci_low is not None:
-        lines.append(f"Mean difference {report.mean_diff:+.{decimals}f}, {100 * report.confidence:g}% bootstrap "
-                     f"interval [{report.ci_low:+.{decimals}f}, {report.ci_high:+.{decimals}f}].")
-    if paper_p is not None:
-        lines.append(f"Paper: p = {paper_p:g} (its pairing is not stated).")
-    lines += [f"- {m}" for m in report.messages]
-    if report.pairs:
-        lines += ["", f"| model | r | task | seed | {la} | {lb} | diff |", "|---|---|---|---|---|---|---|"]
-        for p in report.pairs:
-            seed = "mean" if p["seed"] is None else p["seed"]
-            rank = "—" if p["rank"] is None else p["rank"]
-            lines.append(f"| {p['model']} | {rank} | {p['task']} | {seed} | {p[report.a]:.{decimals}f} | "
-                         f"{p[report.b]:.{decimals}f} | {p['diff']:+.{decimals}f} |")
-    if report.unpaired:
-        lines += ["", "Without a partner (not in the test):"] + [f"- {u}" for u in report.unpaired]
-    return "\n".join(lines) + "\n"
-
-
-def holm_adjust(p_values) -> list[float | None]:
-    """Holm's step-down adjustment of a family of p values (Holm 1979, "A simple sequentially rejective multiple
-    test procedure"): sort ascending, ``p_(i) · (m − i + 1)`` (i from 1), made non-decreasing, capped at 1, returned
-    in the input order. Rejecting where the adjusted p < α controls the family-wise error rate at α. ``None``
-    entries (no test possible) are left out of the family and stay ``None``."""
-    present = [(i, float(p)) for i, p in enumerate(p_values) if p is not None]
-    m, adjusted, running = len(present), [None] * len(p_values), 0.0
-    for rank, (i, p) in enumerate(sorted(present, key=lambda x: x[1])):
-        running = max(running, min(1.0, p * (m - rank)))
-        adjusted[i] = running
-    return adjusted
