@@ -114,8 +114,9 @@ class BiDoRASFTTrainer(BiDoRATrainer, SFTTrainer):
     _BaseTrainer -> Trainer``: every loralib class comes before SFTTrainer, and each hook calls ``super()``. So
     ``compute_loss`` is BiDoRA's (the orthogonality penalty on the lower loss) around SFTTrainer's (fused LM head,
     metrics); ``training_step`` and ``log`` are BiDoRA's (lower batch kept, upper loss logged), then SFTTrainer's
-    (activation offloading, metrics), then the Trainer's; ``evaluate``, ``prediction_step`` and the dataset
-    preparation are SFTTrainer's; checkpoints are loralib's (trainable state, ``bilevel_state.pt``) around
+    (activation offloading, metrics), then the Trainer's; ``evaluate`` names TRL's metrics by split
+    (``eval_heldout_mean_token_accuracy``), otherwise ``evaluate``, ``prediction_step`` and the dataset preparation are
+    SFTTrainer's; checkpoints are loralib's (trainable state, ``bilevel_state.pt``) around
     SFTTrainer's (model card); ``__init__`` splits first (BiDoRATrainer), then SFTTrainer prepares the lower and
     evaluation splits, then this class prepares the upper split.
 
@@ -176,6 +177,27 @@ class BiDoRASFTTrainer(BiDoRATrainer, SFTTrainer):
                          processing_class=processing_class, formatting_func=formatting_func, **kwargs)
         if self.upper_dataset is not None:
             self.upper_dataset = self._prepare_upper_dataset(self.upper_dataset)
+
+    # ---- evaluation: TRL's metrics under the split's own prefix ----------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """``SFTTrainer.evaluate``, with TRL's metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``) named
+        by the split like the loss (``eval_heldout_mean_token_accuracy``); SFTTrainer names them ``eval_<metric>``
+        whatever the split, so with the ``heldout`` and ``validation`` splits the second would overwrite the first."""
+        outer = getattr(self, "_metric_key_prefix", None)
+        self._metric_key_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                    metric_key_prefix=metric_key_prefix)
+        finally:
+            self._metric_key_prefix = outer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        prefix = getattr(self, "_metric_key_prefix", None)
+        recorded = self._metrics["eval"]
+        if not self.model.training and prefix not in (None, "eval") and recorded:
+            logs.update({f"{prefix}_{key}": sum(values) / len(values) for key, values in recorded.items()})
+            recorded.clear()  # SFTTrainer's log then adds nothing under the bare "eval_" names
+        super().log(logs, start_time)
 
     # ---- set-up ------------------------------------------------------------------------------------------------
     @staticmethod

@@ -360,3 +360,22 @@ def test_a_plain_combination_leaves_the_upper_split_raw_and_this_one_does_not(tm
     ours = BiDoRASFTTrainer(model=tiny_llama(tokenizer), args=config(tmp_path), train_dataset=raw,
                             processing_class=tokenizer)
     assert "input_ids" in ours.upper_dataset.column_names
+
+
+def test_trl_metrics_are_named_by_split_as_a_plain_sft_trainer_measures_them(tmp_path, tokenizer):
+    """With the heldout and validation splits, TRL's metrics keep the split in their name (SFTTrainer would write both
+    as eval_mean_token_accuracy, the second overwriting the first); each equals a plain SFTTrainer's on that split."""
+    raw, validation = raw_dataset("messages", tokenizer), raw_dataset("messages", tokenizer, n=6)
+    model = tiny_llama(tokenizer)
+    trainer = BiDoRASFTTrainer(model=model, args=config(tmp_path / "ours"), train_dataset=raw,
+                               eval_dataset=validation, processing_class=tokenizer)
+    trainer.train()
+    ours = trainer.evaluate()
+    assert not {"eval_mean_token_accuracy", "eval_entropy"} & set(ours)
+    plain_args = SFTConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to="none", bf16=False,
+                           max_length=MAX_LENGTH, per_device_eval_batch_size=trainer.args.per_device_eval_batch_size)
+    for split, rows in (("heldout", raw_upper_rows(raw)), ("validation", validation)):
+        plain = SFTTrainer(model=model, args=plain_args, train_dataset=rows, eval_dataset=rows,
+                           processing_class=tokenizer).evaluate()
+        for metric in ("mean_token_accuracy", "entropy", "loss"):
+            assert ours[f"eval_{split}_{metric}"] == pytest.approx(plain[f"eval_{metric}"], rel=1e-6), (split, metric)
