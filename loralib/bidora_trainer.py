@@ -31,7 +31,7 @@ import inspect
 import os
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from .bilevel import LowerLevel, UpperLevel
 from .checkpoints import last_complete_checkpoint  # noqa: F401  (scripts import it from here)
 from .data import BatchStream, mix_seed, split_indices
-from .gradients import world
+from .gradients import share_of_global_batch, world
 from .hypergradients import ESTIMATORS, build_hypergradient
 from .model import (
     adapter_layers,
@@ -230,6 +230,11 @@ class BiDoRATrainer(AdapterCheckpointMixin, Trainer):
     def _inner_training_loop(self, *args, **kwargs):
         """One training attempt (``auto_find_batch_size`` may make several): BiDoRA's magnitudes are frozen for the
         lower level for its duration (the Trainer's optimiser, clipping and DDP never see them), then put back."""
+        if self.args.average_tokens_across_devices and world()[1] > 1:
+            raise ValueError(
+                "average_tokens_across_devices=True: BiDoRATrainer weights each process's loss by its share of the "
+                "global batch's items itself (so N processes train what one does, for any loss); transformers would "
+                "also rescale it (multiplying a classification loss by the number of processes): set it to False")
         if self.method != "bidora":
             return super()._inner_training_loop(*args, **kwargs)
         if self.bilevel:
@@ -314,9 +319,12 @@ class BiDoRATrainer(AdapterCheckpointMixin, Trainer):
                 setattr(self, name, value)
 
     def _users_loss(self, batch: dict) -> torch.Tensor:
-        """The training loss the Trainer's step uses, on a copy of ``batch`` (``compute_loss`` may pop labels)."""
+        """The training loss the Trainer's step uses, on a copy of ``batch`` (``compute_loss`` may pop labels),
+        weighted by this process's share of the global batch (so the mean over processes is the global mean)."""
+        share = self._share_of_global_batch(batch)
         result = self.compute_loss(self.model, dict(batch))
-        return (result[0] if isinstance(result, tuple) else result).float()
+        loss = (result[0] if isinstance(result, tuple) else result).float()
+        return loss if share is None else loss * share
 
     def _upper_task_loss(self, batch: dict) -> torch.Tensor:
         """``L_up``: the training loss in the run's precision, without the lower penalty."""
@@ -337,18 +345,41 @@ class BiDoRATrainer(AdapterCheckpointMixin, Trainer):
             if patched:
                 model.forward = autocast_forward
 
+    def _share_of_global_batch(self, batch: dict) -> float | None:
+        """This process's share of the global batch's items (:func:`loralib.gradients.share_of_global_batch`):
+        label tokens that are not -100 (``labels[..., 1:]`` for a causal LM, whose loss shifts them; ``shift_labels``
+        when the collator gives them), else rows. None in one process and with gradient accumulation (whose loss
+        transformers normalises over the accumulated micro-batches)."""
+        if world()[1] == 1 or self.args.gradient_accumulation_steps > 1:
+            return None
+        labels = batch.get("shift_labels")
+        if labels is None:
+            labels = batch.get("labels")
+            if torch.is_tensor(labels) and labels.dim() > 1 and getattr(self, "_loss_shifts_labels", False):
+                labels = labels[..., 1:]
+        if torch.is_tensor(labels):
+            count = labels.ne(-100).sum()
+        else:  # a loss without labels: every row counts once
+            count = torch.tensor(next((len(v) for v in batch.values() if torch.is_tensor(v)), 1))
+        return share_of_global_batch(count.to(self.args.device))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._loss_evaluation_depth or not (self.method == "bidora" and model.training and self.args.orth_reg > 0):
+        if self._loss_evaluation_depth or not model.training:  # the levels' evaluations and the Trainer's evaluation
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        # the lower step: this process's share of the global batch (counted before compute_loss may pop the labels)
+        share = self._share_of_global_batch(inputs)
+        penalised = self.method == "bidora" and self.args.orth_reg > 0
         # the penalty reuses the row norms and W0·Aᵀ that this forward computes (same parameters, same graph)
-        with capture_norm_terms(self.model) as terms:
+        with capture_norm_terms(self.model) if penalised else nullcontext() as terms:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
-        penalty = self.args.orth_reg * orthogonality_penalty(self.model, terms=terms)
-        if return_outputs:
-            return result[0] + penalty, result[1]
-        return result + penalty
+        loss, outputs = result if return_outputs else (result, None)
+        if share is not None:
+            loss = loss * share
+        if penalised:  # the same on every process (replicated parameters): not weighted
+            loss = loss + self.args.orth_reg * orthogonality_penalty(self.model, terms=terms)
+        return (loss, outputs) if return_outputs else loss
 
     # ---- the loop's hooks --------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

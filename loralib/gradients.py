@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-__all__ = ["gradients", "mean_over_processes", "world", "zeros_for_none"]
+__all__ = ["gradients", "mean_over_processes", "share_of_global_batch", "world", "zeros_for_none"]
 
 
 def world() -> tuple[int, int]:
@@ -49,6 +49,27 @@ def mean_over_processes(tensors: Sequence[torch.Tensor | None]) -> list[torch.Te
             t.div_(size)
         out.append(t)
     return out
+
+
+def share_of_global_batch(count: torch.Tensor) -> float | None:
+    """``count · N / Σ count`` over the N processes of a data-parallel run (None in one process).
+
+    A process whose loss is the mean over its own ``count`` items (rows, or label tokens) multiplies it by this
+    factor; the mean over processes of the scaled losses (and of their gradients: DDP's average, and
+    :func:`mean_over_processes`) is then the mean over all items of the global batch, whatever each process's count
+    (padded rows with uneven token counts, a partial last batch). Every process must call it (one all-reduce).
+
+    Raises:
+        ValueError: the global batch has no item (every label is -100).
+    """
+    _, size = world()
+    if size == 1:
+        return None
+    total = count.detach().to(torch.float64).reshape(1).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if not float(total) > 0:
+        raise ValueError("the global batch has no label to learn from (every label is -100 on every process)")
+    return float(count) * size / float(total)
 
 
 def zeros_for_none(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

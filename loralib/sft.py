@@ -72,11 +72,9 @@ class BiDoRASFTConfig(BiDoRATrainingArguments, SFTConfig):
       upper step evaluates the loss again (darts: three forward/backward passes per upper step), and checkpointing
       would recompute every one of them. When it is turned on, ``use_reentrant=False`` is filled in unless given
       (``activation_checkpointing_kwargs``): reentrant checkpointing refuses second-order hypergradients.
-    * ``average_tokens_across_devices=False``: BiDoRA's. One process: no difference (the count is the local one
-      either way). Under ``torchrun``, False makes the lower step the mean over processes of per-process token means,
-      which is the lower loss the hypergradient differentiates (its loss evaluations see one process's batch and are
-      averaged over processes); True (TRL's default) makes the lower step the global token mean, and the upper level
-      then differentiates a slightly different lower objective.
+    * ``average_tokens_across_devices=False``: BiDoRA's. Under ``torchrun`` BiDoRATrainer weights each process's loss
+      by its share of the global batch's label tokens itself (lower step, upper loss, the hypergradient's lower
+      losses: the global token mean everywhere), and refuses True, which would rescale the loss a second time.
 
     Raises:
         ValueError: as :class:`loralib.BiDoRATrainingArguments` and ``SFTConfig`` do, naming the field.

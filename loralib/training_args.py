@@ -50,7 +50,13 @@ class BiDoRATrainingArguments(TrainingArguments):
         transformers multiplies the loss of every model whose ``forward`` takes ``**kwargs`` by the number of
         processes, assuming the loss was divided by the global token count; sequence-classification heads (GLUE,
         proteins) return a batch mean and ignore that count, so under ``torchrun`` their gradient came out N times
-        too large (and clipped differently) compared with one process at the same global batch.
+        too large (and clipped differently) compared with one process at the same global batch. Instead,
+        ``BiDoRATrainer`` weights each process's loss by its share of the global batch's items (label tokens that
+        are not -100, shifted for a causal LM; rows otherwise), for the lower step, the upper loss and every lower
+        loss of a hypergradient, so N processes train what one process trains at the same global batch for any
+        loss (classification means, token-averaged LM losses over padded rows of uneven length); True is refused
+        under ``torchrun``. With gradient accumulation (baselines only) the weighting is off and transformers'
+        per-process normalisation applies.
     """
 
     # overridden TrainingArguments default (see the note above)

@@ -328,11 +328,21 @@ DDP_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from tests.test_bidora_trainer import ddp_run
 
+    from tests.test_bidora_trainer import LM_CASES, lm_run
+
     out, world = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
     for hypergradient in ("darts", "neumann", "cg", "first_order", "sama", "damped_solve"):
         params = ddp_run(os.path.join(out, hypergradient), hypergradient, per_device=4 // world)
         if int(os.environ.get("RANK", "0")) == 0:
             save_file(params, os.path.join(out, hypergradient + ".safetensors"))
+    for method, hypergradient in LM_CASES:  # a padded causal LM: rows of 2-12 real tokens
+        params = lm_run(os.path.join(out, "lm", method + hypergradient), method, hypergradient, 4 // world)
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_file(params, os.path.join(out, "lm-" + method + hypergradient + ".safetensors"))
+    from tests.test_bidora_trainer import refused_token_averaging
+
+    if refused_token_averaging(os.path.join(out, "averaging")) and int(os.environ.get("RANK", "0")) == 0:
+        open(os.path.join(out, "averaging-refused"), "w").close()
     # as PyTorch asks of every torchrun script: without it gloo may abort at exit ("terminate called ...")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -351,6 +361,65 @@ def ddp_run(out, hypergradient: str, per_device: int) -> dict[str, torch.Tensor]
                     train_sampling_strategy="sequential", upper_learning_rate=5e-3)
     BiDoRATrainer(model=model, args=settings, train_dataset=Tokens(n=20)).train()
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
+
+
+LM_CASES = (("dora", ""), *(("bidora", h) for h in ("darts", "neumann", "cg", "first_order", "sama", "damped_solve")))
+
+
+class Sentences(torch.utils.data.Dataset):
+    """Rows of 2-12 real tokens: padded batches whose processes hold very different numbers of label tokens."""
+
+    def __init__(self, n: int = 20):
+        gen = torch.Generator().manual_seed(1)
+        lengths = [2 + (7 * i) % 11 for i in range(n)]
+        self.rows = [torch.randint(3, 100, (k,), generator=gen) for k in lengths]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i]}
+
+
+def pad_causal(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Right padding; labels = the ids, -100 on the padding (the model shifts them)."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, f in enumerate(features):
+        ids[row, : len(f["input_ids"])] = f["input_ids"]
+        mask[row, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def lm_run(out, method: str, hypergradient: str, per_device: int) -> dict[str, torch.Tensor]:
+    """3 steps of DoRA or BiDoRA on a tiny float64 Llama at a global batch of 4 padded rows (lower and upper)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
+                                         max_position_embeddings=32)).double()
+    loralib.apply_adapters(model, loralib.AdapterConfig(method=method, r=2, lora_alpha=4,
+                                                        target_modules=["q_proj", "v_proj"]))
+    bilevel = dict(upper_fraction=0.2, hypergradient=hypergradient, neumann_alpha=0.1,
+                   upper_learning_rate=5e-3, upper_batch_size=per_device) if method == "bidora" else \
+        dict(upper_fraction=0.0)
+    settings = args(out, per_device_train_batch_size=per_device, max_steps=3, save_strategy="no",
+                    train_sampling_strategy="sequential", learning_rate=2e-2, **bilevel)
+    BiDoRATrainer(model=model, args=settings, train_dataset=Sentences(), data_collator=pad_causal).train()
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
+
+
+def refused_token_averaging(out) -> bool:
+    """Under torchrun, an explicit average_tokens_across_devices=True is refused with its reason."""
+    model = adapted("dora")
+    try:
+        BiDoRATrainer(model=model, args=args(out, max_steps=1, upper_fraction=0.0, average_tokens_across_devices=True),
+                      train_dataset=Tokens()).train()
+    except ValueError as err:
+        return "average_tokens_across_devices=True" in str(err) and "share of the global batch" in str(err)
+    return False
 
 
 def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
@@ -374,6 +443,14 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
         start = tiny_roberta(seed=0, dtype=torch.float64)  # and the run did move the magnitudes
         assert not torch.equal(single["roberta.encoder.layer.0.attention.self.query.magnitude"],
                                start.roberta.encoder.layer[0].attention.self.query.weight.norm(dim=1))
+    assert (tmp_path / "ddp" / "averaging-refused").exists()
+    # a padded causal LM: each process's token mean weighted by its share of the global batch's label tokens
+    for method, hypergradient in LM_CASES:
+        single = lm_run(tmp_path / "single-lm" / (method + hypergradient), method, hypergradient, per_device=4)
+        two = load_file(str(tmp_path / "ddp" / f"lm-{method}{hypergradient}.safetensors"))
+        assert single.keys() == two.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(two[name], value, rtol=1e-9, atol=1e-12, msg=f"{method} {hypergradient} {name}")
 
 
 @pytest.mark.parametrize("method", ["bidora", "dora"])
