@@ -86,7 +86,7 @@ class BiDoRATrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
-            raise ValueError(f"BiDoRATrainingArguments.{name} {rule}, got {getattr(self, name)!r}")
+            raise ValueError(f"{type(self).__name__}.{name} {rule}, got {getattr(self, name)!r}")
 
         def number(name: str, minimum: float, inclusive: bool = True, optional: bool = False) -> None:
             value = getattr(self, name)
