@@ -37,3 +37,10 @@ def make_data(seed: int = 0):
     y_up = x_up @ w_true + 0.1 * torch.randn(N_UP, generator=g, dtype=f64)
     m = 1.0 + 0.3 * torch.randn(D, generator=g, dtype=f64)
     return x_lo, y_lo, x_up, y_up, m
+
+
+def exact_hypergradient(data) -> torch.Tensor:
+    """dF/dm by autograd through :func:`closed_form_w`: the reference for every estimator."""
+    x_lo, y_lo, x_up, y_up, m = data
+    m = m.clone().requires_grad_(True)
+    return torch.autograd.grad(task(closed_form_w(m, x_lo, y_lo), m, x_up, y_up), m)[0]

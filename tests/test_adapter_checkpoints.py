@@ -15,12 +15,14 @@ import pytest
 import torch
 from datasets import Dataset as HFDataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 import loralib
 from loralib import AdapterCheckpointMixin, AdapterTrainer
 from loralib.checkpoints import CheckpointError
+from tests import helpers
+from tests.helpers import Sequences
 
 WORDS = ("the a cat dog bird sat ran flew on under over mat rug tree big small red blue old new quickly slowly and "
          "then it was").split()
@@ -40,12 +42,8 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_llama(seed: int = 0, vocab: int = 32) -> LlamaForCausalLM:
-    """SmolLM2's layout (Llama, grouped-query attention, tied embeddings) at toy sizes."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                        max_position_embeddings=32, pad_token_id=0, eos_token_id=2))
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    return helpers.tiny_llama(seed, vocab_size=32, pad_token_id=0, eos_token_id=2)
 
 
 def adapted(method: str, seed: int = 0) -> LlamaForCausalLM:
@@ -54,19 +52,6 @@ def adapted(method: str, seed: int = 0) -> LlamaForCausalLM:
         loralib.apply_adapters(model, loralib.AdapterConfig(method=method, r=4, lora_alpha=8,
                                                             target_modules=["q_proj", "v_proj"]))
     return model
-
-
-class Sequences(torch.utils.data.Dataset):
-    """Pre-tokenised language-modelling examples for the plain Trainer."""
-
-    def __init__(self, n: int = EXAMPLES, length: int = 8, vocab: int = 32):
-        self.ids = torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def texts() -> HFDataset:
@@ -83,7 +68,8 @@ def make_trainer(kind: str, model, out, cls=None, **overrides):
     """A trainer of ``kind`` ("trainer": AdapterTrainer, "sft": AdapterSFTTrainer) writing to ``out``."""
     settings = {**COMMON, "output_dir": str(out), **overrides}
     if kind == "trainer":
-        return (cls or AdapterTrainer)(model=model, args=TrainingArguments(**settings), train_dataset=Sequences())
+        return (cls or AdapterTrainer)(model=model, args=TrainingArguments(**settings),
+                                       train_dataset=Sequences(n=EXAMPLES, vocab=32, low=3))
     args = SFTConfig(**settings, bf16=False, activation_checkpointing=False, max_length=16)
     return (cls or AdapterSFTTrainer)(model=model, args=args, train_dataset=texts(),
                                       processing_class=word_tokenizer())

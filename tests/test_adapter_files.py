@@ -6,6 +6,7 @@ today's (PEFT's format with the loralib metadata), ``export_peft`` of earlier co
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -13,49 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loralib
-from tests.tiny_models import tiny_roberta, token_batch
+from tests import helpers
+from tests.helpers import save_version_1, tiny_roberta, token_batch
 
 QKI = ["query", "value", "intermediate.dense"]
 FORMATS = ["loralib", "peft", "legacy"]
 
 
-def adapted(seed=0, **kwargs):
-    model = tiny_roberta(seed=seed, dtype=torch.float64).eval()
-    options = {"method": "dora", "r": 4, "lora_alpha": 8, "target_modules": QKI, "modules_to_save": ["classifier"]}
-    loralib.apply_adapters(model, loralib.AdapterConfig(**{**options, **kwargs}))
-    return model
-
-
-def perturb(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in loralib.adapter_layers(model):
-            layer.lora_A.add_(0.1 * torch.randn(layer.lora_A.shape, generator=gen, dtype=layer.lora_A.dtype))
-            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=gen, dtype=layer.lora_B.dtype))
-            if layer.decomposed:
-                layer.magnitude.mul_(1 + 0.1 * torch.rand(layer.magnitude.shape, generator=gen, dtype=torch.float64))
-        for param in loralib.saved_module_parameters(model).values():
-            param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
-    return model
-
-
-def save_version_1(model, directory):
-    """The folder ``loralib.save_adapters`` wrote before loralib adopted PEFT's format (version 1)."""
-    config = loralib.get_adapter_config(model)
-    layers = loralib.adapter_layers(model)
-    scalings = {name: layer.scaling for name, layer in layers}
-    meta = {
-        "format": "loralib-adapter",
-        "version": 1,
-        "config": config.to_dict(),
-        "scaling": next(iter(scalings.values())) if len(set(scalings.values())) == 1 else None,
-        "module_scaling": scalings,
-        "base_model_class": type(model).__name__,
-        "adapted_modules": {name: list(layer.base_weight().shape) for name, layer in layers},
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(loralib.adapter_state_dict(model), str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+adapted = partial(helpers.adapted, dtype=torch.float64, targets=QKI, eval_mode=True)
+perturb = partial(helpers.perturb, move_a=True)  # A moved as well
 
 
 def save(model, directory, fmt):
@@ -75,7 +42,7 @@ def logits(model):
     return model(**token_batch()).logits
 
 
-def snapshot(model):
+def saved_state(model):
     return {k: v.detach().clone() for k, v in loralib.adapter_state_dict(model).items()}
 
 
@@ -105,10 +72,10 @@ MISMATCH_CASES = [
 def test_mismatched_settings_are_refused(saved, model_kwargs, message, fmt, tmp_path):
     directory = save(perturb(adapted(**saved)), tmp_path / "a", fmt)
     model = perturb(adapted(**model_kwargs), seed=5)
-    before = snapshot(model)
+    before = saved_state(model)
     with pytest.raises(ValueError, match=message):
         loralib.load_adapters(model, directory)
-    after = snapshot(model)
+    after = saved_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # refused before anything was copied
 
 

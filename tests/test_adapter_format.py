@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralib
 from loralib.peft_compat import METADATA_KEYS
-from tests.tiny_models import tiny_gpt2, tiny_roberta, token_batch
+from tests.helpers import perturb_by_name as perturb
+from tests.helpers import save_version_1, tiny_gpt2, tiny_roberta, token_batch
 
 peft = pytest.importorskip("peft")
 
@@ -68,19 +69,6 @@ BATCHES = {
 def out(model, base_fn):
     result = model(**BATCHES[base_fn])
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
-
-
-def perturb(model, seed=1):
-    """Non-trivial weights in every adapter tensor and saved module, loralib's or PEFT's."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
-            if "magnitude" in name:
-                param.mul_(1 + 0.1 * noise.abs())
-            elif "lora_" in name or "modules_to_save" in name or param.requires_grad:
-                param.add_(0.1 * noise)
-    return model
 
 
 def quietly(load):
@@ -187,8 +175,6 @@ def test_auto_peft_model_loads_without_warnings(method, tmp_path):
 
 
 def test_read_adapter_tensors_same_for_both_formats(tmp_path):
-    from tests.test_adapter_files import save_version_1
-
     model = roberta()
     loralib.apply_adapters(model, loralib.AdapterConfig(method="dora", r=2, target_modules=QKI))
     perturb(model)

@@ -6,50 +6,30 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
 import loralib
-from loralib import BiDoRATrainer, BiDoRATrainingArguments
-from tests.test_hf_trainer import StopAt, Tokens
-from tests.tiny_models import tiny_roberta
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def adapted(method: str, dropout: float = 0.0, seed: int = 0):
-    model = tiny_roberta(seed=seed)
-    if method != "ft":
-        loralib.apply_adapters(
-            model,
-            loralib.AdapterConfig(method=method, r=4, lora_alpha=8, lora_dropout=dropout,
-                                  target_modules=["query", "value"], modules_to_save=["classifier"]),
-        )
-    return model
-
-
-def args(out, **kw) -> BiDoRATrainingArguments:
-    base = dict(
-        output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-3, max_steps=6, save_steps=2,
-        logging_steps=1, report_to="none", use_cpu=True, seed=0, disable_tqdm=True, upper_fraction=0.25,
-    )
-    base.update(kw)
-    return BiDoRATrainingArguments(**base)
+from loralib import BiDoRATrainer
+from tests.helpers import (
+    LM_CASES,
+    REPO,
+    StopAt,
+    Tokens,
+    adapted,
+    args,
+    changed,
+    ddp_run,
+    lm_run,
+    snapshot,
+    tiny_roberta,
+)
 
 
 def accuracy(pred) -> dict:
     return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def changed(before, model) -> set[str]:
-    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
 def test_bidora_trains_directions_below_magnitudes_above_and_nothing_else(tmp_path):
@@ -260,8 +240,7 @@ KILL_SCRIPT = textwrap.dedent(
     from transformers import TrainerCallback
     import loralib
     from loralib.bidora_trainer import BiDoRATrainer, last_complete_checkpoint
-    from tests.test_bidora_trainer import adapted, args
-    from tests.test_hf_trainer import Tokens
+    from tests.helpers import Tokens, adapted, args
 
     out, where, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -326,9 +305,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from safetensors.torch import save_file
-    from tests.test_bidora_trainer import ddp_run
-
-    from tests.test_bidora_trainer import LM_CASES, lm_run
+    from tests.helpers import LM_CASES, ddp_run, lm_run, refused_token_averaging
 
     out, world = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
     for hypergradient in ("darts", "neumann", "cg", "first_order", "sama", "damped_solve"):
@@ -339,8 +316,6 @@ DDP_SCRIPT = textwrap.dedent(
         params = lm_run(os.path.join(out, "lm", method + hypergradient), method, hypergradient, 4 // world)
         if int(os.environ.get("RANK", "0")) == 0:
             save_file(params, os.path.join(out, "lm-" + method + hypergradient + ".safetensors"))
-    from tests.test_bidora_trainer import refused_token_averaging
-
     if refused_token_averaging(os.path.join(out, "averaging")) and int(os.environ.get("RANK", "0")) == 0:
         open(os.path.join(out, "averaging-refused"), "w").close()
     # as PyTorch asks of every torchrun script: without it gloo may abort at exit ("terminate called ...")
@@ -348,78 +323,6 @@ DDP_SCRIPT = textwrap.dedent(
     torch.distributed.destroy_process_group()
     """
 )
-
-
-def ddp_run(out, hypergradient: str, per_device: int) -> dict[str, torch.Tensor]:
-    """4 steps of BiDoRA in float64 at a global batch of 4 (lower and upper), sequential data, dropout 0."""
-    model = tiny_roberta(seed=0, dtype=torch.float64)
-    loralib.apply_adapters(model, loralib.AdapterConfig(method="bidora", r=4, lora_alpha=8,
-                                                        target_modules=["query", "value"],
-                                                        modules_to_save=["classifier"]))
-    settings = args(out, per_device_train_batch_size=per_device, upper_batch_size=per_device, max_steps=4,
-                    save_strategy="no", upper_fraction=0.2, hypergradient=hypergradient, neumann_alpha=0.1,
-                    train_sampling_strategy="sequential", upper_learning_rate=5e-3)
-    BiDoRATrainer(model=model, args=settings, train_dataset=Tokens(n=20)).train()
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
-
-
-LM_CASES = (("dora", ""), *(("bidora", h) for h in ("darts", "neumann", "cg", "first_order", "sama", "damped_solve")))
-
-
-class Sentences(torch.utils.data.Dataset):
-    """Rows of 2-12 real tokens: padded batches whose processes hold very different numbers of label tokens."""
-
-    def __init__(self, n: int = 20):
-        gen = torch.Generator().manual_seed(1)
-        lengths = [2 + (7 * i) % 11 for i in range(n)]
-        self.rows = [torch.randint(3, 100, (k,), generator=gen) for k in lengths]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.rows[i]}
-
-
-def pad_causal(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Right padding; labels = the ids, -100 on the padding (the model shifts them)."""
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.zeros(len(features), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, f in enumerate(features):
-        ids[row, : len(f["input_ids"])] = f["input_ids"]
-        mask[row, : len(f["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def lm_run(out, method: str, hypergradient: str, per_device: int) -> dict[str, torch.Tensor]:
-    """3 steps of DoRA or BiDoRA on a tiny float64 Llama at a global batch of 4 padded rows (lower and upper)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
-                                         max_position_embeddings=32)).double()
-    loralib.apply_adapters(model, loralib.AdapterConfig(method=method, r=2, lora_alpha=4,
-                                                        target_modules=["q_proj", "v_proj"]))
-    bilevel = dict(upper_fraction=0.2, hypergradient=hypergradient, neumann_alpha=0.1,
-                   upper_learning_rate=5e-3, upper_batch_size=per_device) if method == "bidora" else \
-        dict(upper_fraction=0.0)
-    settings = args(out, per_device_train_batch_size=per_device, max_steps=3, save_strategy="no",
-                    train_sampling_strategy="sequential", learning_rate=2e-2, **bilevel)
-    BiDoRATrainer(model=model, args=settings, train_dataset=Sentences(), data_collator=pad_causal).train()
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
-
-
-def refused_token_averaging(out) -> bool:
-    """Under torchrun, an explicit average_tokens_across_devices=True is refused with its reason."""
-    model = adapted("dora")
-    try:
-        BiDoRATrainer(model=model, args=args(out, max_steps=1, upper_fraction=0.0, average_tokens_across_devices=True),
-                      train_dataset=Tokens()).train()
-    except ValueError as err:
-        return "average_tokens_across_devices=True" in str(err) and "share of the global batch" in str(err)
-    return False
 
 
 def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 import loralib
 from loralib.data import BatchStream, split_indices
-from tests.tiny_models import tiny_roberta
+from tests.helpers import tiny_roberta
 
 L = 8
 

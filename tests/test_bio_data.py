@@ -4,29 +4,21 @@ ESM-2 module names), on the real files shipped by modlamp==4.3.3 and antiberty==
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from tests.helpers import load_example
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bio = _load("bio_data", "examples/bio/data.py")
-models = _load("bio_models", "examples/bio/models.py")
+bio = load_example("bio_data", "examples/bio/data.py")
+models = load_example("bio_models", "examples/bio/models.py")
 offline = bio.offline_packages
 
 

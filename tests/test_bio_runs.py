@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import loralib
+from tests.helpers import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))
@@ -22,14 +23,6 @@ HIDDEN, LAYERS, RANK = 16, 2, 2
 # The ESM-2 vocabulary (order as in facebook/esm2_*): specials, residues by frequency, rare letters, mask.
 ESM_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>"]
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
-
-
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_tiny_esm(path: Path) -> Path:
@@ -128,7 +121,7 @@ _HAS_ANTIBERTY = importlib.util.find_spec("antiberty") is not None
 
 @pytest.mark.skipif(not _HAS_ANTIBERTY, reason="antiberty==0.1.3 not installed (make setup)")
 def test_antiberty_folder_tokenizer_has_no_unk(tmp_path):
-    folder_mod = _load("bio_antiberty_folder", "examples/bio/antiberty_folder.py")
+    folder_mod = load_example("bio_antiberty_folder", "examples/bio/antiberty_folder.py")
     folder = folder_mod.assemble_antiberty_folder(tmp_path / "antiberty")
     for name in ("config.json", "vocab.txt", "tokenizer_config.json", "pytorch_model.bin"):
         assert (folder / name).exists(), name
@@ -153,7 +146,7 @@ def test_antiberty_folder_tokenizer_has_no_unk(tmp_path):
 
 
 def test_antiberty_folder_refuses_a_file(tmp_path):
-    folder_mod = _load("bio_antiberty_folder", "examples/bio/antiberty_folder.py")
+    folder_mod = load_example("bio_antiberty_folder", "examples/bio/antiberty_folder.py")
     target = tmp_path / "x"
     target.write_text("not a folder")
     with pytest.raises(ValueError, match="is a file"):

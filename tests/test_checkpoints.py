@@ -11,7 +11,7 @@ import struct
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, RobertaForSequenceClassification, Trainer
+from transformers import RobertaForSequenceClassification, Trainer
 
 import loralib
 from loralib import BiDoRATrainer
@@ -23,19 +23,7 @@ from loralib.checkpoints import (
     compare_fingerprints,
     last_complete_checkpoint,
 )
-from tests.test_bidora_trainer import args, snapshot
-from tests.test_hf_trainer import Tokens
-from tests.test_hf_trainer import args as plain_args
-from tests.tiny_models import tiny_roberta
-
-
-def adapted(method: str, r: int = 4, targets=("query", "value"), seed: int = 0):
-    model = tiny_roberta(seed=seed)
-    if method != "ft":
-        loralib.apply_adapters(model, loralib.AdapterConfig(method=method, r=r, lora_alpha=8,
-                                                            target_modules=list(targets),
-                                                            modules_to_save=["classifier"]))
-    return model
+from tests.helpers import Sequences, Tokens, adapted, args, plain_args, snapshot, tiny_llama, tiny_roberta
 
 
 def equal_states(a, b) -> bool:
@@ -59,25 +47,6 @@ def runs(tmp_path_factory):
 
 
 # ---- 2. the trainable state only, the recorded base, load_checkpoint -----------------------------------------------
-class Sequences(torch.utils.data.Dataset):
-    def __init__(self, n: int = 8, length: int = 8, vocab: int = 64):
-        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def tiny_llama(seed: int = 0):
-    """SmolLM2's layout (Llama, grouped-query attention, tied embeddings) at toy sizes."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                        max_position_embeddings=32))
-
-
 def test_a_tied_embedding_checkpoint_holds_the_trainable_state_only(tmp_path):
     model = tiny_llama()
     assert model.lm_head.weight is model.model.embed_tokens.weight

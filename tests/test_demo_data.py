@@ -5,28 +5,20 @@ independently of the builders' own readers."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.helpers import load_example
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load("demo_data", "examples/demo/data.py")
+demo = load_example("demo_data", "examples/demo/data.py")
 offline = demo.offline_packages  # the same module object the builders use
 
 

@@ -23,7 +23,7 @@ from loralib.hypergradients import (
     adam_step_jacobian,
     build_hypergradient,
 )
-from tests.ridge_toy import MU, N_LO, D, closed_form_w, make_data, task
+from tests.ridge_toy import MU, N_LO, D, closed_form_w, exact_hypergradient, make_data, task
 
 F64 = torch.float64
 
@@ -50,12 +50,6 @@ class Ridge:
     def v_and_direct(self):
         direct, v = torch.autograd.grad(task(self.w, self.m, self.x_up, self.y_up), [self.m, self.w])
         return [v], direct
-
-
-def exact_hypergradient(data):
-    x_lo, y_lo, x_up, y_up, m = data
-    m = m.clone().requires_grad_(True)
-    return torch.autograd.grad(task(closed_form_w(m, x_lo, y_lo), m, x_up, y_up), m)[0]
 
 
 def dense(loss_fn, w, m):

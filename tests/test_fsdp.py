@@ -19,8 +19,7 @@ import loralib
 from loralib.bilevel import LowerLevel, UpperLevel
 from loralib.hypergradients import build_hypergradient
 from loralib.model import magnitudes_trainable, orthogonality_penalty
-
-from .tiny_models import tiny_bert
+from tests.helpers import tiny_bert
 
 ROWS, STEPS = 8, 3
 FIRST_ORDER = ("first_order", "darts", "sama", "damped_solve")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers.trainer_utils import get_last_checkpoint
 
-from tests.glue_fixtures import write_tiny_roberta
+from tests.helpers import write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))

@@ -19,7 +19,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,28 +28,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import loralib
 from loralib import BiDoRATrainer, BiDoRATrainingArguments
 from loralib.hypergradients import LowerProblem, build_hypergradient
-from tests.test_layers import reference_weight
+from tests import helpers
+from tests.helpers import REPO, reference_weight, rel_err
 
-REPO = Path(__file__).resolve().parent.parent
 IN, OUT, R = 64, 48, 4
 
 
-def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.detach().double().cpu(), expected.detach().double().cpu()
-    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
-
-
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A 2-layer Llama with SmolLM2's head layout (3 query heads per kv head), built from a config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    settings = dict(
-        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, attn_implementation="sdpa",
-    )
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
+    """A 2-layer Llama with SmolLM2's head layout (3 query heads per kv head), sdpa attention."""
+    settings = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2,
+                    max_position_embeddings=64, attn_implementation="sdpa")
+    return helpers.tiny_llama(seed, dtype, **{**settings, **overrides})
 
 
 def lm_batch(device, batch: int = 3, length: int = 10, vocab: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 import loralib
 from loralib.model import _LAYER_CLASSES, capture_norm_terms
-from tests.tiny_models import tiny_gpt2, tiny_roberta, token_batch
+from tests.helpers import layer_cases, tiny_gpt2, tiny_roberta, token_batch
 
 
 def _graph_tensors(value, where: str):
@@ -66,7 +66,8 @@ def layer_and_input(method: str, kind: str):
     return layer, x
 
 
-LAYERS = [("dora", "linear"), ("dora", "conv1d"), ("dora", "embedding"), ("bidora", "linear"), ("bidora", "conv1d")]
+# the decomposed methods' rows of the layer matrix (the dtype is float64 here)
+LAYERS = [(method, kind) for method, kind, _ in layer_cases(dtypes=(torch.float64,), methods=("dora", "bidora"))]
 
 
 @pytest.mark.parametrize("method,kind", LAYERS)
@@ -169,8 +170,7 @@ def test_serialised_model_carries_nothing_of_the_forward(name, how):
 def test_bidora_trainer_leaves_a_deep_copyable_model(tmp_path):
     """Lower steps with the penalty (compute_loss) and darts upper steps, then the EMA / merge-a-copy patterns."""
     from loralib import BiDoRATrainer
-    from tests.test_bidora_trainer import adapted, args
-    from tests.test_hf_trainer import Tokens
+    from tests.helpers import Tokens, adapted, args
 
     model = adapted("bidora")
     BiDoRATrainer(model=model, args=args(tmp_path, max_steps=2, save_strategy="no"), train_dataset=Tokens()).train()

@@ -5,67 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer
 
 import loralib
-from tests.tiny_models import tiny_roberta
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 24, length: int = 8, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, 100, (n, length), generator=gen)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
-def adapted(method: str):
-    model = tiny_roberta(seed=0)
-    loralib.apply_adapters(
-        model,
-        loralib.AdapterConfig(
-            method=method, r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
-        ),
-    )
-    return model
-
-
-def args(out, **kw) -> TrainingArguments:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=5e-3,
-        max_steps=6,
-        save_strategy="steps",
-        save_steps=2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+from tests.helpers import StopAt, Tokens, adapted
+from tests.helpers import plain_args as args
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

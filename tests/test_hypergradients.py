@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.ridge_toy import MU, N_LO, N_UP, D, closed_form_w, make_data, task
+from tests.helpers import rel_err
+from tests.ridge_toy import MU, N_LO, N_UP, D, closed_form_w, exact_hypergradient, make_data, task
 
 upper_objective = task
 
@@ -37,21 +38,10 @@ def data():
     return make_data()
 
 
-def exact_hypergradient(data) -> torch.Tensor:
-    x_lo, y_lo, x_up, y_up, m = data
-    m = m.clone().requires_grad_(True)
-    value = upper_objective(closed_form_w(m, x_lo, y_lo), m, x_up, y_up)
-    return torch.autograd.grad(value, m)[0]
-
-
 def lower_hessian(data) -> torch.Tensor:
     x_lo, y_lo, _, _, m = data
     w = closed_form_w(m, x_lo, y_lo)
     return torch.autograd.functional.hessian(lambda w_: lower_objective(w_, m, x_lo, y_lo), w)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def test_closed_form_reference_is_the_lower_optimum(data):

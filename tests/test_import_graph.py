@@ -103,3 +103,23 @@ def test_loralib_has_no_import_circle():
     # the foundations import nothing from loralib
     assert graph["loralib.config"] == set() and graph["loralib.files"] == set()
     assert "loralib.io" not in graph["loralib.peft_compat"]  # io builds on peft_compat, not the other way round
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in tests/helpers.py (and the toy problem in tests/ridge_toy.py), never in a test file;
+    the scripts the tests generate as strings are checked too."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text, filename=str(path))):
+            sources = []
+            if isinstance(node, ast.ImportFrom):
+                sources = [node.module or ""] if not node.level else ["tests." + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                sources = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and path != Path(__file__).resolve() \
+                    and "tests.test_" in node.value:  # a generated script's imports
+                sources = ["tests.test_ (in a string)"]
+            offenders += [f"{path.name}: {s}" for s in sources if s.startswith(("tests.test_", "test_"))]
+    assert not offenders

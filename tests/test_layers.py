@@ -6,77 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loralib
 from loralib.model import _LAYER_CLASSES
+from tests.helpers import ALPHA, IN, OUT, R, as_features, build_layer, layer_cases, make_input, reference_weight, w0_of
 
-IN, OUT, R, ALPHA = 5, 7, 3, 6.0
-
-
-def reference_weight(w0_out_in, a, b, scaling, magnitude):
-    """Dense ``(out, in)`` adapted weight, written from the definitions (float64)."""
-    adapted = w0_out_in + scaling * (b @ a)
-    if magnitude is None:
-        return adapted
-    return magnitude[:, None] * adapted / torch.linalg.vector_norm(adapted, dim=1, keepdim=True)
-
-
-def make_base(kind: str) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(IN, OUT).double()
-    if kind == "conv1d":  # GPT-2 style, weight stored (in, out): fan_in_fan_out
-        base = Conv1D(OUT, IN)
-        nn.init.normal_(base.weight)
-        nn.init.normal_(base.bias)
-        return base.double()
-    if kind == "embedding":
-        return nn.Embedding(IN, OUT).double()
-    raise AssertionError(kind)
-
-
-def w0_of(kind: str, base: nn.Module) -> torch.Tensor:
-    w = base.weight.detach().clone()
-    return w if kind == "linear" else w.T
-
-
+# the float64 rows of the layer matrix, each without and with dropout (none on embeddings)
 CASES = [
     (method, kind, dropout)
-    for method in ("lora", "dora", "bidora")
-    for kind in ("linear", "conv1d", "embedding")
+    for method, kind, _ in layer_cases(dtypes=(torch.float64,))
     for dropout in (0.0, 0.3)
-    if not (kind == "embedding" and (method == "bidora" or dropout > 0))
+    if not (kind == "embedding" and dropout > 0)
 ]
-
-
-def build(method: str, kind: str, dropout: float, seed: int = 0):
-    torch.manual_seed(seed)
-    base = make_base(kind)
-    w0 = w0_of(kind, base)
-    cls = dict(_LAYER_CLASSES[method])[type(base) if kind != "embedding" else nn.Embedding]
-    layer = cls.from_base(base, r=R, lora_alpha=ALPHA, lora_dropout=dropout)
-    layer.joint_magnitude_training = True  # these tests differentiate the layer in every parameter
-    with torch.no_grad():  # a non-zero update so the adapter path is exercised
-        layer.lora_B.normal_()
-        if layer.decomposed:
-            layer.magnitude.mul_(torch.linspace(0.5, 1.5, OUT, dtype=torch.float64))
-    return base, layer, w0
-
-
-def make_input(kind: str, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "embedding":
-        return torch.randint(0, IN, (4, 6), generator=gen)
-    return torch.randn(4, 6, IN, generator=gen, dtype=torch.float64)
-
-
-def as_features(kind: str, x: torch.Tensor) -> torch.Tensor:
-    return F.one_hot(x, IN).double() if kind == "embedding" else x
 
 
 @pytest.mark.parametrize("method,kind,dropout", CASES)
 def test_forward_matches_reference(method, kind, dropout):
-    base, layer, w0 = build(method, kind, dropout)
+    base, layer = build_layer(method, kind, lora_dropout=dropout)
+    w0 = w0_of(kind, base)
     x = make_input(kind)
     bias = getattr(base, "bias", None)
     bias = torch.zeros(OUT, dtype=torch.float64) if bias is None else bias.detach()
@@ -102,7 +49,7 @@ def test_forward_matches_reference(method, kind, dropout):
 
 @pytest.mark.parametrize("method,kind,dropout", [c for c in CASES if c[2] == 0.0])
 def test_gradcheck(method, kind, dropout):
-    _, layer, _ = build(method, kind, dropout)
+    _, layer = build_layer(method, kind, lora_dropout=dropout)
     x = make_input(kind)[:2, :3]
     params = [layer.lora_A, layer.lora_B] + ([layer.magnitude] if layer.decomposed else [])
     if kind != "embedding":
@@ -125,7 +72,8 @@ def test_gradcheck(method, kind, dropout):
 @pytest.mark.parametrize("method", ["dora", "bidora"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_factored_norm_equals_dense_norm(method, kind):
-    _, layer, w0 = build(method, kind, 0.0)
+    base, layer = build_layer(method, kind)
+    w0 = w0_of(kind, base)
     with torch.no_grad():
         layer.lora_B.mul_(10.0)  # a large update: the cross and quadratic terms dominate
     dense = torch.linalg.vector_norm(w0 + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach(), dim=1)
@@ -231,7 +179,8 @@ def test_no_graph_breaks_in_adapter_layers(method):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("update", [0.0, 1.0, 10.0])
 def test_orthogonality_distance_equals_dense_formula(kind, update):
-    _, layer, w0 = build("dora", kind, 0.0)
+    base, layer = build_layer("dora", kind)
+    w0 = w0_of(kind, base)
     with torch.no_grad():
         layer.lora_B.mul_(update)  # 0: the pretrained direction; 10: the rank-r terms dominate
     a = layer.lora_A.detach().clone().requires_grad_(True)
@@ -259,7 +208,8 @@ def dense_orthogonality_distance(w0, a, b, scaling):
 @pytest.mark.parametrize("training", [True, False])
 def test_orthogonality_from_captured_norm_terms_equals_dense_formula(kind, training):
     """The penalty from the n and W0·Aᵀ a forward recorded: the dense value and gradients, without recomputing."""
-    _, layer, w0 = build("dora", kind, 0.0)
+    base, layer = build_layer("dora", kind)
+    w0 = w0_of(kind, base)
     layer.train(training)  # eval: recorded because gradients are enabled
     a = layer.lora_A.detach().clone().requires_grad_(True)
     b = layer.lora_B.detach().clone().requires_grad_(True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,8 @@ from transformers import AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 import loralib
-from tests.tiny_models import tiny_gpt2, tiny_roberta, token_batch
+from tests import helpers
+from tests.helpers import METHODS, perturb, tiny_gpt2, tiny_roberta, token_batch
 
 TARGETS = ["query", "value", "intermediate.dense"]  # intermediate.dense is 16 -> 40: non-square
 
@@ -18,29 +21,7 @@ def logits(model, batch):
     return model(**batch).logits
 
 
-def adapted(method, seed=0, dtype=torch.float64, **kw):
-    model = tiny_roberta(seed=seed, dtype=dtype)
-    cfg = loralib.AdapterConfig(
-        method=method, r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"], **kw
-    )
-    loralib.apply_adapters(model, cfg)
-    return model
-
-
-def perturb(model, seed=1):
-    """Give every adapter a non-zero update (B starts at zero) and move the magnitudes."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in loralib.adapter_layers(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=layer.lora_B.dtype) * 0.1)
-            if layer.decomposed:
-                layer.magnitude.mul_(
-                    1 + 0.1 * torch.rand(layer.magnitude.shape, generator=gen, dtype=layer.magnitude.dtype)
-                )
-
-
-METHODS = ["lora", "dora", "bidora"]
-
+adapted = partial(helpers.adapted, dtype=torch.float64, targets=TARGETS)
 
 @pytest.mark.parametrize("method", METHODS)
 def test_init_equals_pretrained(method):

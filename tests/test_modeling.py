@@ -71,24 +71,11 @@ def test_both_heads_tell_the_trainer_their_loss_is_a_batch_mean(tmp_path):
         assert load_classifier(path, num_labels=2, pooling=pooling).accepts_loss_kwargs is False
 
 
-class Sentences(torch.utils.data.Dataset):
-    def __init__(self, n: int = 24) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2, 60, (n, 6), generator=g)
-        self.labels = (self.ids[:, 0] > 30).long()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": self.labels[i]}
-
-
 @pytest.mark.parametrize("method", ["lora", "bidora"])
 def test_mean_pooling_model_trains_checkpoints_and_resumes_under_the_trainer(tmp_path, method):
     """The demo's head is a plain nn.Module, not a PreTrainedModel: the Trainer saves and reloads its state dict."""
     from loralib import BiDoRATrainer, BiDoRATrainingArguments
-    from tests.test_hf_trainer import StopAt
+    from tests.helpers import StopAt, Tokens
 
     encoder = tiny_encoder(tmp_path)
 
@@ -103,15 +90,16 @@ def test_mean_pooling_model_trains_checkpoints_and_resumes_under_the_trainer(tmp
                                        per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=0,
                                        disable_tqdm=True, upper_fraction=0.25)
 
+    rows = Tokens(length=6, low=2, vocab=60)  # 24 rows of 6 ids, labelled by the first id
     whole = model()
     before = {n: p.detach().clone() for n, p in whole.named_parameters()}
-    BiDoRATrainer(model=whole, args=args("whole"), train_dataset=Sentences()).train()
+    BiDoRATrainer(model=whole, args=args("whole"), train_dataset=rows).train()
     assert not torch.equal(whole.classifier.weight, before["classifier.weight"])
     embeddings = "encoder.embeddings.word_embeddings.weight"
     assert torch.equal(whole.get_submodule("encoder.embeddings.word_embeddings").weight, before[embeddings])
-    BiDoRATrainer(model=model(), args=args("cut"), train_dataset=Sentences(), callbacks=[StopAt(2)]).train()
+    BiDoRATrainer(model=model(), args=args("cut"), train_dataset=rows, callbacks=[StopAt(2)]).train()
     resumed = model()
-    BiDoRATrainer(model=resumed, args=args("cut"), train_dataset=Sentences()).train(
+    BiDoRATrainer(model=resumed, args=args("cut"), train_dataset=rows).train(
         resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
     expected = dict(whole.named_parameters())
     assert all(torch.equal(p, expected[n]) for n, p in resumed.named_parameters())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import loralib
 from loralib import peft_compat
 from loralib.model import target_module_names
-from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_roberta, token_batch
+from tests.helpers import perturb, perturb_by_name, tiny_bert, tiny_gpt2, tiny_roberta, token_batch
 
 peft = pytest.importorskip("peft")
 
@@ -31,28 +32,7 @@ def logits(model, kind):
     return model(**BATCHES[kind]).logits
 
 
-def perturb_peft(model, seed=1):
-    """Non-trivial PEFT adapters: A and B random (PEFT zero-initialises one of them), magnitudes moved, the
-    modules_to_save copies changed (so they must come from the file)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.1 * noise.abs())
-            elif "lora_" in name or "modules_to_save" in name:
-                param.add_(0.1 * noise)
-
-
-def perturb(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in loralib.adapter_layers(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=layer.lora_B.dtype) * 0.1)
-            if layer.decomposed:
-                layer.magnitude.mul_(1 + 0.1 * torch.rand(layer.magnitude.shape, generator=gen, dtype=torch.float64))
-        for param in loralib.saved_module_parameters(model).values():
-            param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+perturb_peft = partial(perturb_by_name, trainable=False)  # PEFT's adapters and modules_to_save copies
 
 
 def peft_adapted_names(peft_model):

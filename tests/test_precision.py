@@ -8,38 +8,22 @@ import torch
 from torch import nn
 
 import loralib
-from loralib.model import _LAYER_CLASSES
-from tests.test_layers import IN, OUT, R, as_features, make_base, make_input, reference_weight, w0_of
-from tests.tiny_models import tiny_roberta, token_batch
+from tests.helpers import (
+    IN,
+    as_features,
+    build_layer,
+    layer_cases,
+    make_input,
+    reference_weight,
+    tiny_roberta,
+    token_batch,
+    w0_of,
+)
 
 HALF = (torch.bfloat16, torch.float16)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CASES = [
-    (method, kind, dtype)
-    for method in ("lora", "dora", "bidora")
-    for kind in ("linear", "conv1d", "embedding")
-    for dtype in DTYPES
-    if not (kind == "embedding" and method == "bidora")
-]
+CASES = layer_cases(dtypes=DTYPES)  # the half and single precision rows of the layer matrix
 ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
-
-
-def adapter_class(method, base):
-    return dict(_LAYER_CLASSES[method])[nn.Embedding if isinstance(base, nn.Embedding) else type(base)]
-
-
-def build(method, kind, dtype, perturb=False, **kw):
-    torch.manual_seed(0)
-    base = make_base(kind).to(dtype)
-    base.requires_grad_(False)  # frozen, as apply_adapters leaves it
-    layer = adapter_class(method, base).from_base(base, r=R, lora_alpha=6.0, **kw)
-    layer.joint_magnitude_training = True  # differentiated in every parameter here
-    if perturb:
-        with torch.no_grad():
-            layer.lora_B.normal_()
-            if layer.decomposed:
-                layer.magnitude.mul_(torch.linspace(0.5, 1.5, OUT))
-    return base, layer
 
 
 def layer_input(kind, dtype):
@@ -49,12 +33,12 @@ def layer_input(kind, dtype):
 
 @pytest.mark.parametrize("method,kind,dtype", CASES)
 def test_adapters_are_fp32_on_half_bases_unless_asked(method, kind, dtype):
-    _, layer = build(method, kind, dtype)
+    _, layer = build_layer(method, kind, dtype, perturb=False)
     expected = torch.float32 if dtype in HALF else dtype
     params = [layer.lora_A, layer.lora_B] + ([layer.magnitude] if layer.decomposed else [])
     assert all(p.dtype == expected for p in params)
     assert layer.weight.dtype == dtype  # the base is never converted
-    _, kept = build(method, kind, dtype, autocast_adapter_dtype=False)
+    _, kept = build_layer(method, kind, dtype, perturb=False, autocast_adapter_dtype=False)
     assert kept.lora_A.dtype == kept.lora_B.dtype == dtype
 
 
@@ -62,7 +46,7 @@ def test_adapters_are_fp32_on_half_bases_unless_asked(method, kind, dtype):
 @pytest.mark.parametrize("method,kind,dtype", CASES)
 def test_initial_output_is_the_pretrained_layers(method, kind, dtype, autocast):
     """Bitwise the unadapted layer's output, same dtype, with and without autocast."""
-    base, layer = build(method, kind, dtype)
+    base, layer = build_layer(method, kind, dtype, perturb=False)
     x = layer_input(kind, dtype if not autocast else torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         expected, got = base(x), layer(x)
@@ -72,7 +56,7 @@ def test_initial_output_is_the_pretrained_layers(method, kind, dtype, autocast):
 
 @pytest.mark.parametrize("method,kind,dtype", CASES)
 def test_trained_output_matches_float64_formula(method, kind, dtype):
-    base, layer = build(method, kind, dtype, perturb=True)
+    base, layer = build_layer(method, kind, dtype)
     x = layer_input(kind, dtype)
     w = reference_weight(
         w0_of(kind, base).double(),
@@ -92,7 +76,7 @@ def test_trained_output_matches_float64_formula(method, kind, dtype):
 
 @pytest.mark.parametrize("method,kind,dtype", CASES)
 def test_gradients_reach_fp32_adapters_outside_autocast(method, kind, dtype):
-    _, layer = build(method, kind, dtype, perturb=True)
+    _, layer = build_layer(method, kind, dtype)
     layer(layer_input(kind, dtype)).float().square().sum().backward()
     for p in [layer.lora_A, layer.lora_B] + ([layer.magnitude] if layer.decomposed else []):
         assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
@@ -102,7 +86,7 @@ def test_gradients_reach_fp32_adapters_outside_autocast(method, kind, dtype):
 
 @pytest.mark.parametrize("method,kind,dtype", CASES)
 def test_merge_keeps_dtype_and_unmerge_restores_w0(method, kind, dtype):
-    base, layer = build(method, kind, dtype, perturb=True)
+    base, layer = build_layer(method, kind, dtype)
     w0 = layer.base_weight().detach().clone()
     x = layer_input(kind, dtype)
     before = layer(x).detach()

@@ -13,8 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import loralib
 from loralib import BiDoRATrainingArguments
 from loralib.data import seeded_rng
-from tests.test_hf_trainer import Tokens
-from tests.tiny_models import tiny_roberta
+from tests.helpers import Tokens, tiny_roberta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "study"))
 import hypergradient_size as hs  # noqa: E402

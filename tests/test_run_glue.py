@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 import loralib
-from tests.glue_fixtures import write_task_files, write_tiny_roberta
+from tests.helpers import write_task_files, write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "NLU"))

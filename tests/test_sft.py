@@ -31,6 +31,7 @@ from loralib.bidora_trainer import BiDoRATrainer  # noqa: E402
 from loralib.data import split_indices  # noqa: E402
 from loralib.model import magnitudes_trainable  # noqa: E402
 from loralib.training_args import BiDoRATrainingArguments  # noqa: E402
+from tests.helpers import StopAt, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang songs of spring in green fields".split()
@@ -94,10 +95,6 @@ def config(out, **kw) -> BiDoRASFTConfig:
                 upper_fraction=FRACTION, max_length=MAX_LENGTH)
     base.update(kw)
     return BiDoRASFTConfig(**base)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def raw_upper_rows(raw: Dataset, seed: int = 0) -> Dataset:
@@ -271,14 +268,6 @@ def test_upper_loss_at_step_0_is_the_causal_lm_loss_by_hand(tmp_path, tokenizer)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == self.step
-
-
 def test_checkpoint_and_resume_end_where_an_uninterrupted_run_ends(tmp_path, tokenizer):
     raw = raw_dataset("messages", tokenizer)
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import loralib
-from tests.tiny_models import tiny_gpt2, tiny_roberta, token_batch
+from tests.helpers import tiny_gpt2, tiny_roberta, token_batch
 
 # (method, model, targets): Linear (incl. non-square), Conv1D (GPT-2, fan_in_fan_out) and Embedding layers
 CASES = [
@@ -242,7 +242,7 @@ def test_bidora_refuses_a_training_step_that_would_train_magnitudes_jointly():
 def test_bidora_under_a_plain_trainer_fails_naming_bidora_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from tests.test_hf_trainer import Tokens
+    from tests.helpers import Tokens
 
     model = build("roberta", "bidora", ["query", "value"], dtype=torch.float32)
     args = TrainingArguments(str(tmp_path), max_steps=2, report_to="none", use_cpu=True, disable_tqdm=True)

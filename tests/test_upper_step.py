@@ -13,8 +13,7 @@ from transformers import TrainerCallback
 
 import loralib
 from loralib import BiDoRATrainer
-from tests.test_bidora_trainer import adapted, args, changed, snapshot
-from tests.test_hf_trainer import Tokens
+from tests.helpers import Tokens, adapted, args, changed, snapshot
 
 
 def ready(trainer: BiDoRATrainer) -> BiDoRATrainer:

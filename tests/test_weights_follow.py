@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import loralib
 from loralib.model import _LAYER_CLASSES
-from tests.tiny_models import tiny_gpt2, tiny_roberta, token_batch
+from tests.helpers import tiny_gpt2, tiny_roberta, token_batch
 
 TARGETS = ["query", "value", "intermediate.dense"]
 DTYPES = [torch.float32, torch.bfloat16]
