@@ -7,11 +7,11 @@
 #   bash examples/NER/run_wnut_offline.sh                                  # 4 methods x 5 seeds (hours on a CPU)
 #   SEEDS=0 METHODS=lora bash examples/NER/run_wnut_offline.sh --max_steps 4 --max_train_samples 100   # a smoke run
 #
-# THE SETTINGS ARE OURS and NOT MEASURED: r=8 alpha=16 on query/value, adapter lr ADAPTER_LR (1e-3), ft lr FT_LR
-# (1e-4), EPOCHS (20) epochs of batch 16, max_seq_length 128, warmup 6%, weight decay 0.01, 20% of train held out
-# (BiDoRA's upper split; every method is selected on its held-out entity F1). WNUT-16 entities are rare and hard:
-# a short schedule scores entity F1 0 for every method (full fine-tuning included), so the schedule has to be found
-# by measurement on the validation split before a table is reported.
+# THE SETTINGS ARE OURS: r=8 alpha=16 on query/value, adapter lr ADAPTER_LR (1e-3, not measured), ft lr FT_LR
+# (1e-4), EPOCHS (10) epochs of batch 16, max_seq_length 128, warmup 6%, weight decay 0.01, 20% of train held out
+# (BiDoRA's upper split; every method is selected on its held-out entity F1). WNUT-16 entities are rare and hard: a
+# short schedule scores entity F1 0 for every method. Measured (one seed, ft, lr 1e-4, 10-epoch schedule): held-out
+# entity F1 0.03 after epoch 1, 0.40 after epoch 2, 0.47 after epoch 3 (examples/NER/README.md).
 #
 # Environment: SEEDS (default "0 1 2 3 4"), METHODS (default "lora dora bidora ft"), SPLIT_SEED (default 0),
 # EPOCHS, ADAPTER_LR, FT_LR, OUTPUT_ROOT (default <repo>/runs/ner), PYTHON (see examples/python.sh). Extra arguments
@@ -25,7 +25,7 @@ source "$ROOT/examples/python.sh"  # sets PY
 SEEDS="${SEEDS:-0 1 2 3 4}"
 METHODS="${METHODS:-lora dora bidora ft}"
 SPLIT_SEED="${SPLIT_SEED:-0}"
-EPOCHS="${EPOCHS:-20}"
+EPOCHS="${EPOCHS:-10}"
 ADAPTER_LR="${ADAPTER_LR:-1e-3}"
 FT_LR="${FT_LR:-1e-4}"
 OUT="${OUTPUT_ROOT:-$ROOT/runs/ner}/wnut16_minilm"
@@ -44,7 +44,7 @@ DATA="$OUT/data/split$SPLIT_SEED"
 "${PY[@]}" "$HERE/ner_data.py" wnut16 --out "$DATA" --seed "$SPLIT_SEED"
 
 echo "== WNUT-16 offline: all-MiniLM-L6-v2 ($MODEL), methods: $METHODS, seeds: $SEEDS"
-echo "   OUR settings, not measured: adapter lr $ADAPTER_LR, ft lr $FT_LR, $EPOCHS epochs, batch 16, max_seq_length 128"
+echo "   OUR settings (the ft schedule measured, the adapter lr not): adapter lr $ADAPTER_LR, ft lr $FT_LR, $EPOCHS epochs, batch 16, max_seq_length 128"
 echo "   outputs: $OUT/<method>/seed<N>"
 for seed in $SEEDS; do
   for method in $METHODS; do
