@@ -30,8 +30,11 @@ $(STAMP): setup.py
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# TEST_JOBS pytest-xdist workers (default 2, the CI machine's cores; TEST_JOBS=0 runs in this process), files spread
+# by module (--dist loadfile: each module's fixtures are built once).
+TEST_JOBS ?= 2
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 demo: $(STAMP)
 	bash examples/demo/run_demo.sh

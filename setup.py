@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "peft>=0.12", "ruff>=0.5", "seqeval>=1.2.2", "trl>=1.16,<2"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "peft>=0.12", "ruff>=0.5", "seqeval>=1.2.2", "trl>=1.16,<2"],
         "demo": ["matplotlib>=3.7", "tensorboard>=2.10"],
         # examples/NLG: E2E metrics and the SmolLM2 GGUF rebuild (the 93 MB model package is installed by its script)
         "nlg": ["sacrebleu>=2.6", "nltk>=3.9", "rouge-score>=0.1.2", "gguf>=0.10"],

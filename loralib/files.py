@@ -3,6 +3,8 @@
 * :func:`atomic_write` / :func:`atomic_write_text`: write a temporary file beside the target, then rename it, so a
   crash (or a kill) never leaves half a file under the target's name. The temporary files are named
   ``.<name>.<random>.tmp``; one is left behind only by a kill during the write.
+* :func:`write_split`: a data folder (``train`` / ``test`` / ... files) with its record ``split.json`` written last,
+  so that the record's presence means the data next to it are complete (every example's data builder uses it).
 * :func:`read_json` / :func:`read_safetensors`: read a file or raise an error that names the file and what is
   wrong with it (missing, not UTF-8, not JSON, truncated, NaN / inf in a tensor).
 
@@ -18,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_safetensors"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json", "read_safetensors", "write_split"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -42,6 +44,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8, newlines untouched) to ``path`` atomically; returns ``path``."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
+
+
+def write_split(out_dir: str | os.PathLike, files: dict[str, str], record: dict,
+                record_name: str = "split.json") -> Path:
+    """Write ``files`` ({file name: text}) into ``out_dir`` atomically, then ``record`` as JSON (indent 2) last.
+
+    A reader that finds ``record_name`` can trust every file beside it: a crash before the end leaves no record, and
+    the builder runs again. Returns the record's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    return atomic_write_text(out / record_name, json.dumps(record, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -130,6 +130,30 @@ GLUE_WORDS = "the cat sat on a mat dog ran far away he said hi good bad movie gr
 GLUE_VOCAB = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(GLUE_WORDS)}}
 
 
+def bpe_tokenizer(corpus: list[str], vocab_size: int, special_tokens: list[str], *, byte_level: bool = True,
+                  min_frequency: int = 0, post_processor=None, **fast_kwargs):
+    """A BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` on the fly (no download): byte-level (GPT-2 /
+    RoBERTa style, with its decoder and the 256-byte initial alphabet) or whitespace-split words.
+    ``post_processor(tokenizer) -> processor`` is called after training (it may need token ids); ``fast_kwargs``
+    go to ``PreTrainedTokenizerFast`` (special token names, chat_template, add_prefix_space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    extra = {}
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # as roberta-base's / SmolLM2's
+        tok.decoder = decoders.ByteLevel()
+        extra["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                        special_tokens=special_tokens, show_progress=False, **extra))
+    if post_processor is not None:
+        tok.post_processor = post_processor(tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **fast_kwargs)
+
+
 def write_tiny_roberta(directory: Path, seed: int = 0) -> Path:
     """A 2-layer RoBERTa (hidden 16) and a WordLevel tokenizer, saved like a hub checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -395,6 +419,29 @@ def lm_run(out, method: str, hypergradient: str, per_device: int) -> dict[str, t
     settings = args(out, per_device_train_batch_size=per_device, max_steps=3, save_strategy="no",
                     train_sampling_strategy="sequential", learning_rate=2e-2, **bilevel)
     BiDoRATrainer(model=model, args=settings, train_dataset=Sentences(), data_collator=pad_causal).train()
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
+
+
+def sft_run(out, hypergradient: str, per_device: int) -> dict[str, torch.Tensor]:
+    """3 steps of BiDoRA through TRL's SFTTrainer (``BiDoRASFTTrainer``) on the tiny float64 Llama of
+    :func:`lm_run`: pre-tokenised rows of 2-12 tokens, padded by TRL's collator, global batch 4 (both levels)."""
+    from datasets import Dataset
+
+    from loralib.sft import BiDoRASFTConfig, BiDoRASFTTrainer
+
+    tokenizer = bpe_tokenizer(["a b c d"], 8, ["<pad>", "</s>"], byte_level=False, pad_token="<pad>",
+                              eos_token="</s>")
+    model = tiny_llama(dtype=torch.float64, vocab_size=100, intermediate_size=32, num_key_value_heads=2,
+                       tie_word_embeddings=False, pad_token_id=0)
+    loralib.apply_adapters(model, loralib.AdapterConfig(method="bidora", r=2, lora_alpha=4,
+                                                        target_modules=["q_proj", "v_proj"]))
+    rows = Dataset.from_list([{"input_ids": r.tolist()} for r in Sentences().rows])
+    settings = BiDoRASFTConfig(
+        output_dir=str(out), per_device_train_batch_size=per_device, upper_batch_size=per_device, max_steps=3,
+        learning_rate=2e-2, upper_learning_rate=5e-3, upper_fraction=0.2, hypergradient=hypergradient,
+        neumann_alpha=0.1, train_sampling_strategy="sequential", save_strategy="no", report_to="none",
+        use_cpu=True, seed=0, max_length=24, logging_steps=1, disable_tqdm=True)
+    BiDoRASFTTrainer(model=model, args=settings, train_dataset=rows, processing_class=tokenizer).train()
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or "magnitude" in n}
 
 

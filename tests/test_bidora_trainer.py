@@ -23,7 +23,9 @@ from tests.helpers import (
     changed,
     ddp_run,
     lm_run,
+    sft_run,
     snapshot,
+    tiny_llama,
     tiny_roberta,
 )
 
@@ -305,9 +307,10 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from safetensors.torch import save_file
-    from tests.helpers import LM_CASES, ddp_run, lm_run, refused_token_averaging
+    from tests.helpers import LM_CASES, ddp_run, lm_run, refused_token_averaging, sft_run
 
     out, world = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
+    SFT_CASES = {sft_cases!r}
     for hypergradient in ("darts", "neumann", "cg", "first_order", "sama", "damped_solve"):
         params = ddp_run(os.path.join(out, hypergradient), hypergradient, per_device=4 // world)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -316,6 +319,10 @@ DDP_SCRIPT = textwrap.dedent(
         params = lm_run(os.path.join(out, "lm", method + hypergradient), method, hypergradient, 4 // world)
         if int(os.environ.get("RANK", "0")) == 0:
             save_file(params, os.path.join(out, "lm-" + method + hypergradient + ".safetensors"))
+    for hypergradient in SFT_CASES:  # TRL's SFTTrainer (BiDoRASFTTrainer), TRL's collator, pre-tokenised rows
+        params = sft_run(os.path.join(out, "sft", hypergradient), hypergradient, 4 // world)
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_file(params, os.path.join(out, "sft-" + hypergradient + ".safetensors"))
     if refused_token_averaging(os.path.join(out, "averaging")) and int(os.environ.get("RANK", "0")) == 0:
         open(os.path.join(out, "averaging-refused"), "w").close()
     # as PyTorch asks of every torchrun script: without it gloo may abort at exit ("terminate called ...")
@@ -325,11 +332,14 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+SFT_CASES = ("darts", "first_order")
+
+
 def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
     from safetensors.torch import load_file
 
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(REPO)))
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), sft_cases=SFT_CASES))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
@@ -354,6 +364,17 @@ def test_torchrun_two_processes_equal_one_process_at_the_same_global_batch(tmp_p
         assert single.keys() == two.keys()
         for name, value in single.items():
             torch.testing.assert_close(two[name], value, rtol=1e-9, atol=1e-12, msg=f"{method} {hypergradient} {name}")
+    # BiDoRA through TRL's SFTTrainer: its collator, its loss, our share of the global batch's label tokens
+    for hypergradient in SFT_CASES:
+        single = sft_run(tmp_path / "single-sft" / hypergradient, hypergradient, per_device=4)
+        two = load_file(str(tmp_path / "ddp" / f"sft-{hypergradient}.safetensors"))
+        assert single.keys() == two.keys()
+        start = tiny_llama(dtype=torch.float64, vocab_size=100, intermediate_size=32, num_key_value_heads=2,
+                           tie_word_embeddings=False, pad_token_id=0)  # lm_run's model: the upper level did move
+        assert not torch.allclose(single["model.layers.0.self_attn.q_proj.magnitude"],
+                                  start.model.layers[0].self_attn.q_proj.weight.norm(dim=1), atol=1e-4)
+        for name, value in single.items():
+            torch.testing.assert_close(two[name], value, rtol=1e-9, atol=1e-12, msg=f"sft {hypergradient} {name}")
 
 
 @pytest.mark.parametrize("method", ["bidora", "dora"])

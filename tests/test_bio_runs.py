@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import loralib
 from tests.helpers import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 import run_glue  # noqa: E402
 
 HIDDEN, LAYERS, RANK = 16, 2, 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser
@@ -163,3 +164,22 @@ def test_files_utilities(tmp_path):
     bad.write_text("[1]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         files.read_json(bad)
+
+
+def test_write_split_writes_the_record_last(tmp_path, monkeypatch):
+    record = files.write_split(tmp_path / "d", {"train.csv": "x,y\n1,2\n", "test.csv": "x,y\n"}, {"seed": 3})
+    assert record == tmp_path / "d" / "split.json" and json.loads(record.read_text()) == {"seed": 3}
+    assert (tmp_path / "d" / "train.csv").read_text() == "x,y\n1,2\n"
+    written = []
+    real = files.atomic_write_text
+
+    def crash_on_test(path, text):  # a crash while the second data file is written: no record may exist
+        written.append(Path(path).name)
+        if Path(path).name == "test.csv":
+            raise OSError("disk full")
+        return real(path, text)
+
+    monkeypatch.setattr(files, "atomic_write_text", crash_on_test)
+    with pytest.raises(OSError):
+        files.write_split(tmp_path / "e", {"train.csv": "a\n", "test.csv": "b\n"}, {"seed": 0})
+    assert written == ["train.csv", "test.csv"] and not (tmp_path / "e" / "split.json").exists()

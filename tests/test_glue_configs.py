@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ import pytest
 import yaml
 
 NLU = Path(__file__).resolve().parents[1] / "examples" / "NLU"
-sys.path.insert(0, str(NLU))
 import run_glue  # noqa: E402
 
 CONFIGS, SCRIPTS = NLU / "configs", NLU / "scripts"
@@ -178,14 +178,15 @@ def test_scripts_are_executable_and_reference_their_config():
 
 def test_script_loops_over_seeds_from_any_cwd(tmp_path):
     script = SCRIPTS / "roberta_base_rte.sh"
-    env = dict(os.environ, SEEDS="0 3", OUTPUT_ROOT=str(tmp_path / "out"), PYTHON="echo RUN")
+    env = dict(os.environ, SEEDS="0 3", OUTPUT_ROOT=str(tmp_path / "out"), PYTHON=sys.executable, DRY_RUN="1")
     r = subprocess.run(["bash", str(script), "--max_steps", "5"], cwd=tmp_path, env=env, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    runs = [line.split() for line in r.stdout.splitlines() if line.startswith("RUN ")]
+    runs = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("[dry run] ")]
     assert len(runs) == 2
     root = NLU.parents[1]
     for seed, words in zip(("0", "3"), runs):
+        assert words[0] == sys.executable
         assert Path(words[1]).resolve() == root / "examples" / "NLU" / "run_glue.py"
         assert Path(words[words.index("--config") + 1]).resolve() == CONFIGS / "roberta_base_rte.yaml"
         assert words[words.index("--seed") + 1] == seed

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import datasets
+import glue_data as gd  # noqa: E402
 import pytest
 import torch
+from glue_tasks import get_task  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "NLU"))
-import glue_data as gd  # noqa: E402
-from glue_tasks import get_task  # noqa: E402
 
 WORDS = "the cat sat on a mat dog ran far away he said hi , good bad movie".split()
 VOCAB = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}

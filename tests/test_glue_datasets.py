@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from tests.helpers import write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 import glue_data as gd  # noqa: E402
 import run_glue  # noqa: E402
 import run_helpers  # noqa: E402

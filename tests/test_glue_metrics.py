@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
+import glue_metrics as gm  # noqa: E402
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "NLU"))
-import glue_metrics as gm  # noqa: E402
 from glue_tasks import GLUE_TASK_NAMES as TASK_NAMES  # noqa: E402
 from glue_tasks import TASKS, get_task  # noqa: E402
 

@@ -29,7 +29,7 @@ import loralib
 from loralib import BiDoRATrainer, BiDoRATrainingArguments
 from loralib.hypergradients import LowerProblem, build_hypergradient
 from tests import helpers
-from tests.helpers import REPO, reference_weight, rel_err
+from tests.helpers import REPO, load_example, reference_weight, rel_err
 
 IN, OUT, R = 64, 48, 4
 
@@ -241,11 +241,7 @@ def leaves(tree, path=""):
 
 
 def test_gpu_check_cpu_tiny(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from gpu_check import required_number_keys
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    required_number_keys = load_example("gpu_check", "benchmarks/gpu_check.py").required_number_keys
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny", str(out)],

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from modeling import MeanPoolingClassifier, load_classifier  # noqa: E402
 from transformers import BertConfig, BertModel
 
 import loralib
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "NLU"))
-from modeling import MeanPoolingClassifier, load_classifier  # noqa: E402
 
 
 def tiny_encoder(tmp_path: Path) -> Path:

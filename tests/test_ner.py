@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, processors
 from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
 
+from tests.helpers import bpe_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "NER"))
 import ner_data  # noqa: E402
 import ner_metrics  # noqa: E402
 import run_ner  # noqa: E402
@@ -48,18 +48,13 @@ def write_conll_file(path: Path, n: int, seed: int) -> Path:
 
 def byte_level_bpe(add_prefix_space: bool = True) -> PreTrainedTokenizerFast:
     """A RoBERTa-style byte-level BPE trained on the fly on the test's words (no download)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # as roberta-base's tokenizer.json
-    tok.decoder = decoders.ByteLevel()
     corpus = [" ".join(WORDS)] * 5 + ["Johnathan Xyzzyville lives in the city of London today ."] * 2
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
-                                                      ("<s>", tok.token_to_id("<s>")))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
-                                   add_prefix_space=add_prefix_space)
+    return bpe_tokenizer(
+        corpus, 320, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], min_frequency=2,
+        post_processor=lambda tok: processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                                ("<s>", tok.token_to_id("<s>"))),
+        bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", add_prefix_space=add_prefix_space)
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import loralib
+from tests.helpers import bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "NLG"))
 import e2e_metrics  # noqa: E402
 import nlg_data  # noqa: E402
 import prepare_smollm2  # noqa: E402
@@ -52,16 +50,10 @@ def e2e_rows(n_mrs: int, seed: int, refs_per_mr: int = 2) -> list[dict]:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE with SmolLM2's special tokens and chat template (pad = eos = <|im_end|>, as SmolLM2)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [r["human_reference"] + " " + r["meaning_representation"] for r in e2e_rows(30, 0)]
     corpus += ["Write a positive review snippet about the film system user assistant You are helpful."] * 3
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, min_frequency=2, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    return bpe_tokenizer(corpus, 300, SPECIALS, min_frequency=2, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                         pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:

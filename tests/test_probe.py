@@ -3,9 +3,7 @@ steps matches the Trainer's own steps, and the Lanczos/MINRES damped reference m
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import hypergradient_size as hs  # noqa: E402
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -14,9 +12,6 @@ import loralib
 from loralib import BiDoRATrainingArguments
 from loralib.data import seeded_rng
 from tests.helpers import Tokens, tiny_roberta
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "study"))
-import hypergradient_size as hs  # noqa: E402
 
 
 def _model():

@@ -8,7 +8,6 @@ by the code under test.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -693,11 +692,9 @@ def test_estimator_comparison_pairs_complete_seeds_and_applies_the_rule(tmp_path
     assert all(v["verdict"].startswith("not decidable yet (acp-n200: 0") for v in ec.verdicts(partial))
 
 
-def test_estimator_arms_and_datasets_are_the_plans(monkeypatch):
-    spec = importlib.util.spec_from_file_location("study_plan", REPO / "examples" / "study" / "plan.py")
-    plan = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, plan)  # its dataclasses look their module up
-    spec.loader.exec_module(plan)
+def test_estimator_arms_and_datasets_are_the_plans():
+    import plan  # examples/study (pytest's pythonpath)
+
     assert [(d.name, n) for d, n, _ in plan.ESTIMATOR_COMPARISON] == list(ec.DATASETS)
     assert all(sorted(a.name for a in arms) == sorted(ec.ARMS) for _, _, arms in plan.ESTIMATOR_COMPARISON)
 

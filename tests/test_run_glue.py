@@ -18,7 +18,6 @@ import loralib
 from tests.helpers import write_task_files, write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "NLU"))
 import run_glue  # noqa: E402
 
 from utils import report  # noqa: E402

@@ -20,7 +20,6 @@ import huggingface_hub  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from transformers.utils import is_torch_bf16_gpu_available  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
@@ -31,7 +30,7 @@ from loralib.bidora_trainer import BiDoRATrainer  # noqa: E402
 from loralib.data import split_indices  # noqa: E402
 from loralib.model import magnitudes_trainable  # noqa: E402
 from loralib.training_args import BiDoRATrainingArguments  # noqa: E402
-from tests.helpers import StopAt, snapshot
+from tests.helpers import StopAt, bpe_tokenizer, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang songs of spring in green fields".split()
@@ -49,12 +48,9 @@ def _no_telemetry(monkeypatch):
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level BPE trained on the test's words, with pad / EOS tokens and a small chat template."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)] * 3, trainers.BpeTrainer(
-        vocab_size=80, special_tokens=["<pad>", "</s>", "<|user|>", "<|assistant|>", "<unk>"], show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   chat_template=TEMPLATE)
+    return bpe_tokenizer([" ".join(WORDS)] * 3, 80, ["<pad>", "</s>", "<|user|>", "<|assistant|>", "<unk>"],
+                         byte_level=False, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                         chat_template=TEMPLATE)
 
 
 def sentences(n: int, seed: int) -> list[str]:

@@ -19,7 +19,6 @@ from utils import study_report
 from utils.stats import holm_adjust
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "study"))
 import plan  # noqa: E402
 
 

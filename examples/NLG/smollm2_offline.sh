@@ -85,38 +85,19 @@ fi
 echo "== SmolLM2-135M-Instruct on Rotten Tomatoes instructions, methods: $METHODS, seeds: $SEEDS"
 echo "   OUR settings, not tuned: lr $LR, $MAX_STEPS steps of batch 8, r 8 alpha 16 q/v, base $BASE_DTYPE"
 echo "   $JOBS run(s) at a time, $THREADS thread(s) each; outputs: $OUT/<method>/seed<N>"
-run_one() {
-  local method="$1" seed="$2" dir="$OUT/$1/seed$2"
-  if [[ -f "$dir/results.json" ]]; then echo "-- $method seed $seed: done already ($dir)"; return 0; fi
-  echo "-- $method seed $seed: started (log: $dir.log)"
-  mkdir -p "$OUT/$method"
-  OMP_NUM_THREADS="$THREADS" "${PY[@]}" "$HERE/run_clm.py" --model_name_or_path "$MODEL_DIR" \
-    --train_file "$DATA/train.jsonl" --validation_file "$DATA/validation.jsonl" --test_file "$DATA/test.jsonl" \
-    --format chat --system_prompt "You write short film reviews." --max_seq_length 96 --base_dtype "$BASE_DTYPE" \
-    --method "$method" --lora_r 8 --lora_alpha 16 --target_modules q_proj v_proj --learning_rate "$LR" \
-    --weight_decay 0.01 --warmup_steps 0.1 --lr_scheduler_type linear --max_steps "$MAX_STEPS" \
-    --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --upper_fraction 0.2 --hypergradient darts \
-    --eval_strategy steps --eval_steps 100 --save_strategy steps --save_steps 100 --logging_steps 10 \
-    --num_generations 8 --generation_split test --max_new_tokens 48 --seed "$seed" --use_cpu \
-    --disable_tqdm true --report_to none --output_dir "$dir" "${EXTRA[@]}" > "$dir.log" 2>&1 \
-    && echo "-- $method seed $seed: finished: $(grep -E '^test:' "$dir.log" || true)" \
-    || { echo "-- $method seed $seed: FAILED (see $dir.log)"; return 1; }
-}
-EXTRA=("$@")
-queue=()
-for method in bidora $METHODS; do  # the long BiDoRA runs first, so that the slots end together
-  [[ " $METHODS " == *" $method "* ]] || continue
-  for seed in $SEEDS; do
-    [[ " ${queue[*]-} " == *" $method:$seed "* ]] || queue+=("$method:$seed")
-    [[ "$method" == base ]] && break  # the pretrained model, evaluated: one run (the first seed's held-out split)
-  done
-done
-pids=()
-for item in "${queue[@]}"; do
-  while (( $(jobs -rp | wc -l) >= JOBS )); do sleep 5; done
-  run_one "${item%%:*}" "${item##*:}" &
-  pids+=("$!")
-done
-failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-exit "$failed"
+# The three BiDoRA runs first, so that the JOBS slots end together; "base" (the pretrained model, evaluated) runs once,
+# on the first seed's held-out split. A finished run (results.json) is skipped; each run logs to <run folder>.log.
+methods="bidora"
+for m in $METHODS; do [[ "$m" == bidora ]] || methods+=" $m"; done
+[[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"
+"${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" --out "$OUT" --methods "$methods" --seeds "$SEEDS" \
+  --order method --once base --jobs "$JOBS" --threads "$THREADS" --protocol held-out --python "${PY[*]}" -- \
+  --model_name_or_path "$MODEL_DIR" \
+  --train_file "$DATA/train.jsonl" --validation_file "$DATA/validation.jsonl" --test_file "$DATA/test.jsonl" \
+  --format chat --system_prompt "You write short film reviews." --max_seq_length 96 --base_dtype "$BASE_DTYPE" \
+  --lora_r 8 --lora_alpha 16 --target_modules q_proj v_proj --learning_rate "$LR" \
+  --weight_decay 0.01 --warmup_steps 0.1 --lr_scheduler_type linear --max_steps "$MAX_STEPS" \
+  --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --upper_fraction 0.2 --hypergradient darts \
+  --eval_strategy steps --eval_steps 100 --save_strategy steps --save_steps 100 --logging_steps 10 \
+  --num_generations 8 --generation_split test --max_new_tokens 48 --use_cpu \
+  --disable_tqdm true --report_to none "$@"

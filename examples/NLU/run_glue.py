@@ -378,7 +378,9 @@ def train(plan: Plan, model_args: ModelArguments, data_args: DataTrainingArgumen
     with args.main_process_first(local=False, desc="output folder"):
         if main and plan.status == "overwrite":
             shutil.rmtree(out)
-        if main and plan.status != "resume":
+        # a new run, or one killed before its run_config.json was in place (its first file): record the settings
+        # that a resume checks, and results.json repeats
+        if main and (plan.status != "resume" or not (out / "run_config.json").is_file()):
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "run_config.json", json.dumps(plan.run_config, indent=2))
     selector, retrain = None, run_args.retrain_max_steps > 0

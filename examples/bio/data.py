@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from loralib.files import atomic_write_text
+from loralib.files import write_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
 import offline_packages  # noqa: E402
@@ -239,10 +238,6 @@ def split_dataset(
         raise ValueError(f"cannot split {len(df)} rows with test_fraction={test_fraction}: {exc}") from exc
     train, test = train.reset_index(drop=True), test.reset_index(drop=True)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "test.csv", test.to_csv(index=False, lineterminator="\n"))
-        atomic_write_text(out / "train.csv", train.to_csv(index=False, lineterminator="\n"))
         info = {
             "source": df.attrs.get("source"),
             "class_names": {str(k): v for k, v in df.attrs.get("class_names", {}).items()},
@@ -254,7 +249,8 @@ def split_dataset(
             "label_counts": {"train": _label_counts(train["label"]), "test": _label_counts(test["label"])},
             "cleaning": asdict(cleaning) if cleaning is not None else None,
         }
-        atomic_write_text(out / "split.json", json.dumps(info, indent=2) + "\n")
+        write_split(out_dir, {"test.csv": test.to_csv(index=False, lineterminator="\n"),
+                              "train.csv": train.to_csv(index=False, lineterminator="\n")}, info)
     return train, test
 
 

@@ -13,6 +13,7 @@
 #   FT_LR                   learning rate of full fine-tuning (default 2e-5; adapters use the config's lr)
 #   EXTRA_ARGS              more run_glue.py options, appended to every run (e.g. "--bf16")
 #   DRY_RUN=1               print the commands instead of running them
+#   OVERWRITE=1             redo finished runs (default: a run with results.json is skipped)
 #   PYTHON                  interpreter (default: the repository's .venv when it exists, else python3)
 
 esm2_table4_main() {
@@ -57,31 +58,18 @@ esm2_table4_main() {
   eval "$plan"
   echo "output: $out" >&2
 
-  local run=()
-  [[ "${DRY_RUN:-0}" == 1 ]] && run=(echo "[dry run]")
-  local seed method dir per_method
-  for seed in $seeds; do
-    for method in $methods; do
-      dir="$out/$method/seed$seed"
-      if [[ -f "$dir/results.json" && "${OVERWRITE:-0}" != 1 ]]; then
-        echo "skip $method seed $seed: $dir/results.json exists (OVERWRITE=1 to redo)" >&2
-        continue
-      fi
-      per_method=(--max_steps "$ITERATIONS")
-      case "$method" in
-        ft) per_method+=(--learning_rate "$ft_lr") ;;
-        # The small-data protocol: bi-level search on 80/20, then retrain a fresh adapter and head on all of train
-        # with the magnitudes frozen at their searched values; the retrained model is reported.
-        bidora) per_method+=(--retrain_max_steps "$RETRAIN_ITERATIONS") ;;
-      esac
-      local vfile=()
-      [[ -n "$val" ]] && vfile=(--validation_file "$val")
-      # shellcheck disable=SC2086  # EXTRA_ARGS is a list of options on purpose
-      "${run[@]}" "${PY[@]}" "$root/examples/NLU/run_glue.py" --config "$config" --model_name_or_path "$MODEL" \
-        --train_file "$train" --test_file "$test" "${vfile[@]}" --method "$method" --seed "$seed" \
-        --output_dir "$dir" "${per_method[@]}" ${EXTRA_ARGS:-}
-    done
-  done
+  local run=() grid=(--out "$out" --methods "$methods" --seeds "$seeds" --protocol held-out --steps "$ITERATIONS"
+                      --retrain-steps "$RETRAIN_ITERATIONS" --ft-lr "$ft_lr")
+  [[ "${DRY_RUN:-0}" == 1 ]] && run=(echo "[dry run]") && grid+=(--dry-run)
+  [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+  local vfile=()
+  [[ -n "$val" ]] && vfile=(--validation_file "$val")
+  # Every method trains on the lower 80% of train and is selected on the held-out 20%; BiDoRA then retrains a fresh
+  # adapter and head on all of train with the magnitudes frozen at their searched values (the reported model).
+  # shellcheck disable=SC2086  # EXTRA_ARGS is a list of options on purpose
+  "${PY[@]}" "$root/examples/grid.py" "$root/examples/NLU/run_glue.py" "${grid[@]}" --python "${PY[*]}" -- \
+    --config "$config" --model_name_or_path "$MODEL" --train_file "$train" --test_file "$test" "${vfile[@]}" \
+    ${EXTRA_ARGS:-}
   "${run[@]}" "${PY[@]}" "$root/utils/report.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
     ${EXTRA_METRICS:+--extra-metrics "$EXTRA_METRICS"} --markdown "$out/comparison.md" --json "$out/comparison.json" \
     --figure "$out/comparison.png"

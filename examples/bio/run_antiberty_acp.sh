@@ -51,29 +51,15 @@ mkdir -p "$OUT"
 # checked so that no residue becomes [UNK] (examples/bio/antiberty_folder.py explains the two traps).
 "${PY[@]}" examples/bio/antiberty_folder.py "$OUT/model" >&2
 
-overwrite=()  # an unfinished run (checkpoints, no results.json) is resumed by run_glue.py unless OVERWRITE=1
-[[ "${OVERWRITE:-0}" == 1 ]] && overwrite=(--overwrite_output_dir)
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    dir="$OUT/$method/seed$seed"
-    if [[ -f "$dir/results.json" && "${OVERWRITE:-0}" != 1 ]]; then
-      echo "skip $method seed $seed: $dir/results.json exists (OVERWRITE=1 to redo)" >&2
-      continue
-    fi
-    case "$method" in
-      # The baselines train on all of train (the data BiDoRA sees over its two phases) and report the final model,
-      # like BiDoRA with retraining: same data, same number of direction steps, nothing selected on test.
-      ft) extra=(--max_steps "$ITERATIONS" --learning_rate "$FT_LR" --upper_fraction 0) ;;
-      lora|dora) extra=(--max_steps "$ITERATIONS" --upper_fraction 0) ;;
-      bidora) extra=(--max_steps "$BIDORA_SEARCH_ITERATIONS" --retrain_max_steps "$BIDORA_RETRAIN_ITERATIONS") ;;
-      *) echo "error: unknown method '$method' in METHODS (ft lora dora bidora)" >&2; exit 1 ;;
-    esac
-    echo "-- $method seed $seed" >&2
-    "${PY[@]}" examples/NLU/run_glue.py --config "$CONFIG" --model_name_or_path "$OUT/model" \
-      --train_file "$OUT/data/train.csv" --test_file "$OUT/data/test.csv" \
-      --method "$method" --seed "$seed" --eval_steps "$EVAL_EVERY" --output_dir "$dir" "${extra[@]}" "${overwrite[@]}"
-  done
-done
+# The baselines (ft, LoRA, DoRA) train on all of train (the data BiDoRA sees over its two phases) and report the final
+# model, like BiDoRA with retraining: same data, same number of direction steps, nothing selected on test
+# (examples/grid.py, protocol all-of-train). A finished run is skipped unless OVERWRITE=1; an unfinished one resumes.
+grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --steps "$ITERATIONS"
+      --search-steps "$BIDORA_SEARCH_ITERATIONS" --retrain-steps "$BIDORA_RETRAIN_ITERATIONS" --ft-lr "$FT_LR")
+[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+"${PY[@]}" examples/grid.py examples/NLU/run_glue.py "${grid[@]}" --python "${PY[*]}" -- --config "$CONFIG" \
+  --model_name_or_path "$OUT/model" --train_file "$OUT/data/train.csv" --test_file "$OUT/data/test.csv" \
+  --eval_steps "$EVAL_EVERY"
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
 "${PY[@]}" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \

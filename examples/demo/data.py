@@ -37,7 +37,6 @@ import argparse
 import bz2
 import csv
 import io
-import json
 import os
 import sys
 import tarfile
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loralib.files import atomic_write_text
+from loralib.files import write_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
 import offline_packages  # noqa: E402
@@ -110,20 +109,16 @@ def _clean(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- I/O
 
 
-def _write_csv(path: Path, rows: Sequence[tuple[str, int | float]]) -> None:
+def _csv_text(rows: Sequence[tuple[str, int | float]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["sentence", "label"])
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _write_outputs(out_dir: Path, train: list, test: list, info: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "test.csv", test)
-    _write_csv(out_dir / "train.csv", train)
-    # split.json last: its presence means the CSV files next to it are complete.
-    atomic_write_text(out_dir / "split.json", json.dumps(info, indent=2, sort_keys=False) + "\n")
+    write_split(out_dir, {"test.csv": _csv_text(test), "train.csv": _csv_text(train)}, info)
 
 
 def _check_sizes(n_train: int, n_test: int) -> None:

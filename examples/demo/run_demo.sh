@@ -48,23 +48,13 @@ echo "encoder: all-MiniLM-L6-v2 from $MODEL (22.7M parameters, read in place, no
 DATA="$OUT/data"
 "${PY[@]}" "$ROOT/examples/demo/data.py" "$BUILD" --out "$DATA" --train "$TRAIN_SIZE" --test "$TEST_SIZE" --seed 0
 
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    # The baselines train on all of train (the same data BiDoRA sees over both phases) and report the final model,
-    # as BiDoRA with retraining does; nothing is tuned or selected on the test split.
-    extra=()
-    [ "$method" = bidora ] || extra=(--retrain_max_steps 0 --upper_fraction 0)
-    if [ -n "${ITERATIONS:-}" ]; then
-      extra+=(--max_steps "$ITERATIONS")
-      [ "$method" = bidora ] && extra+=(--retrain_max_steps "$ITERATIONS")
-    fi
-    echo "-- $method, seed $seed"
-    "${PY[@]}" "$ROOT/examples/NLU/run_glue.py" --config "$HERE/configs/minilm_$TASK.yaml" \
-      --model_name_or_path "$MODEL" --method "$method" --seed "$seed" \
-      --train_file "$DATA/train.csv" --test_file "$DATA/test.csv" \
-      --output_dir "$OUT/$method/seed$seed" --overwrite_output_dir "${extra[@]}" "$@"
-  done
-done
+# The baselines train on all of train (the same data BiDoRA sees over both phases) and report the final model, as
+# BiDoRA with retraining does; nothing is tuned or selected on the test split (examples/grid.py, protocol all-of-train).
+grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --finished redo)
+[ -n "${ITERATIONS:-}" ] && grid+=(--steps "$ITERATIONS" --retrain-steps "$ITERATIONS")
+"${PY[@]}" "$ROOT/examples/grid.py" "$ROOT/examples/NLU/run_glue.py" "${grid[@]}" --python "${PY[*]}" -- \
+  --config "$HERE/configs/minilm_$TASK.yaml" --model_name_or_path "$MODEL" \
+  --train_file "$DATA/train.csv" --test_file "$DATA/test.csv" "$@"
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
 "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --methods "$(echo $METHODS | tr ' ' ',')" \

@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                         "from this invocation or, with --merge, from the record)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(ROOT / "examples"))  # grid.py (plan.py's per-method flags)
     sys.path.insert(0, str(ROOT / "examples" / "NLU"))
     import run_glue  # noqa: PLC0415
     from plan import BIDORA, RT, Cell  # noqa: PLC0415

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from grid import ALL_OF_TRAIN, method_flags  # examples/grid.py: the per-method flags of every example
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +98,7 @@ ACP = Dataset("acp", "AntiBERTy on modlAMP ACP vs random", "examples/bio/configs
 SMOKE = Dataset("smoke", "smoke (MiniLM, tiny Rotten Tomatoes slice)", RT.config, {48: 2}, test_size=32, batch=8)
 DATASETS = {d.name: d for d in (RT, ACP, SMOKE)}
 
-_BASELINE = ("--upper_fraction", "0", "--retrain_max_steps", "0", "--eval_strategy", "no")
+_BASELINE = (*ALL_OF_TRAIN, "--eval_strategy", "no")  # all of train, final model, no periodic evaluation
 LORA = Arm("lora", "LoRA", "lora", _BASELINE)
 DORA = Arm("dora", "DoRA", "dora", _BASELINE)
 DORA_ES = Arm("dora_es", "DoRA, early-stopped on held-out 20%", "dora",
@@ -204,7 +205,7 @@ class Cell:
                  "--logging_steps", str(self.steps_per_epoch), "--snapshots", "0", "--disable_tqdm", "true",
                  "--report_to", "none", *arm_flags]
         if self.arm.retrain:  # only the final retrained model is read: no test evaluations during retraining
-            flags += ["--retrain_max_steps", str(self.steps), "--retrain_eval_strategy", "no"]
+            flags += [*method_flags("bidora", retrain_steps=self.steps), "--retrain_eval_strategy", "no"]
         if "--eval_strategy" not in arm_flags:
             flags += ["--eval_strategy", "steps"]
         return flags

@@ -53,9 +53,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import offline_packages  # noqa: E402
+from grid import run_process  # noqa: E402
 from plan import DEFAULTS, Cell, Study, build_study  # noqa: E402
 
-from loralib.files import atomic_write_text  # noqa: E402
+from loralib.files import atomic_write_text, write_split  # noqa: E402
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -107,12 +108,10 @@ def prepare_data(cell: Cell, work: Path) -> Path:
         out = work / "data" / "acp" / f"seed{seed}-n{n}"
         if not (out / "split.json").is_file():
             part, _ = train_test_split(train, train_size=n, stratify=train["label"], random_state=seed)
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "train.csv", part.to_csv(index=False, lineterminator="\n"))
-            shutil.copyfile(full / "test.csv", out / "test.csv")
-            atomic_write_text(out / "split.json", json.dumps({
+            write_split(out, {"train.csv": part.to_csv(index=False, lineterminator="\n"),
+                              "test.csv": (full / "test.csv").read_bytes().decode("utf-8")}, {
                 "source": str(full), "train": n, "seed": seed, "scheme": "stratified sample of the full train split "
-                "(scikit-learn train_test_split, random_state = seed)"}, indent=2) + "\n")
+                "(scikit-learn train_test_split, random_state = seed)"})
         return out
     raise ValueError(f"no data for dataset {ds.name!r}")
 
@@ -206,22 +205,17 @@ def run_cell(cell: Cell, work: Path, results: Path, device: str, extra: list[str
            "--use_cpu", "true" if device == "cpu" else "false", *cell.flags(), *extra]
     out.parent.mkdir(parents=True, exist_ok=True)
     console = out.parent / f"{out.name}.console.txt"
-    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(console, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         offset = log.tell()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV}, cwd=ROOT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except KeyboardInterrupt:
-            proc.terminate()  # run_glue.py keeps its checkpoints; the same cell resumes from them next time
-            proc.wait()
-            raise
-    wall, code = time.monotonic() - t0, os.waitstatus_to_exitcode(status)
+        # Ctrl-C / kill: run_process stops run_glue.py, which keeps its checkpoints (the cell resumes next time)
+        proc = run_process(cmd, stdout=log, env={**os.environ, **ENV}, cwd=ROOT)
+    code = proc.code
     record = _record(
-        cell, device, status="done" if code == 0 else "failed", exit_code=code, wall_s=round(wall, 3),
-        cpu_s=round(usage.ru_utime + usage.ru_stime, 3), peak_rss_bytes=usage.ru_maxrss * 1024,
+        cell, device, status="done" if code == 0 else "failed", exit_code=code, wall_s=round(proc.wall_s, 3),
+        cpu_s=round(proc.cpu_s, 3), peak_rss_bytes=proc.peak_rss_bytes,
         load_average_end=[round(x, 2) for x in os.getloadavg()], resumed=resumed, started=started,
         command=[_relative(c) for c in cmd[1:]],
         data_sha256={s: _sha256(data / f"{s}.csv") for s in ("train", "test")})

@@ -1,0 +1,146 @@
+"""examples/grid.py: the per-method flags of every example and the method × seed runner (with a stand-in runner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grid
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stand-in for run_glue.py: records its argv in OUTPUT_DIR/argv.json and writes results.json; fails for seed 13.
+FAKE_RUNNER = textwrap.dedent(
+    """
+    import json, os, sys
+    argv = sys.argv[1:]
+    out = argv[argv.index("--output_dir") + 1]
+    os.makedirs(out, exist_ok=True)
+    runs = os.path.join(out, "argv.json")
+    history = json.load(open(runs)) if os.path.exists(runs) else []
+    json.dump(history + [argv], open(runs, "w"))
+    if argv[argv.index("--seed") + 1] == "13":
+        sys.exit("error: seed 13 fails")
+    json.dump({"threads": os.environ.get("OMP_NUM_THREADS")}, open(os.path.join(out, "results.json"), "w"))
+    """
+)
+
+
+@pytest.fixture()
+def runner(tmp_path):
+    path = tmp_path / "fake_runner.py"
+    path.write_text(FAKE_RUNNER)
+    return path
+
+
+def calls(folder: Path) -> list[list[str]]:
+    return json.loads((folder / "argv.json").read_text())
+
+
+# The flags each script wrote by hand before grid.py (the demo, run_antiberty_acp.sh, esm2_table4_common.sh, the
+# study's plan.py), written out here as the reference: as sets of (flag, value) pairs, since their order differed.
+@pytest.mark.parametrize("method,protocol,kw,expected", [
+    ("lora", "all-of-train", {}, {"--upper_fraction": "0", "--retrain_max_steps": "0"}),
+    ("dora", "all-of-train", {"steps": 10, "retrain_steps": 10},
+     {"--upper_fraction": "0", "--retrain_max_steps": "0", "--max_steps": "10"}),
+    ("bidora", "all-of-train", {"steps": 10, "retrain_steps": 10}, {"--max_steps": "10", "--retrain_max_steps": "10"}),
+    ("ft", "all-of-train", {"steps": 93, "search_steps": 31, "retrain_steps": 93, "ft_lr": "5e-5"},
+     {"--max_steps": "93", "--learning_rate": "5e-5", "--upper_fraction": "0", "--retrain_max_steps": "0"}),
+    ("bidora", "all-of-train", {"steps": 93, "search_steps": 31, "retrain_steps": 93, "ft_lr": "5e-5"},
+     {"--max_steps": "31", "--retrain_max_steps": "93"}),
+    ("ft", "held-out", {"steps": 4, "retrain_steps": 5, "ft_lr": "2e-5"},
+     {"--max_steps": "4", "--learning_rate": "2e-5"}),
+    ("lora", "held-out", {"steps": 4, "retrain_steps": 5, "ft_lr": "2e-5"}, {"--max_steps": "4"}),
+    ("bidora", "held-out", {"steps": 4, "retrain_steps": 5}, {"--max_steps": "4", "--retrain_max_steps": "5"}),
+    ("lora", "held-out", {"ft_lr": "1e-4", "adapter_lr": "1e-3"}, {"--learning_rate": "1e-3"}),
+])
+def test_method_flags_equal_what_each_script_wrote_by_hand(method, protocol, kw, expected):
+    flags = grid.method_flags(method, protocol, **kw)
+    assert len(flags) % 2 == 0
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert pairs == expected and len(pairs) == len(flags) // 2  # no flag twice
+
+
+def test_the_study_baseline_flags_are_the_recorded_ones():
+    # results/study cell.json files record these verbatim ("plan_flags"): the order is part of the record
+    assert grid.ALL_OF_TRAIN == ("--upper_fraction", "0", "--retrain_max_steps", "0")
+    cells = ROOT / "results/estimators/cpu/rt-n200"
+    dora = json.loads((cells / "dora/seed0/cell.json").read_text())["plan_flags"]
+    assert dora[-6:] == [*grid.ALL_OF_TRAIN, "--eval_strategy", "no"]
+    bidora = json.loads((cells / "bidora/seed0/cell.json").read_text())["plan_flags"]
+    i = bidora.index("--retrain_max_steps")
+    assert bidora[i:i + 2] == grid.method_flags("bidora", retrain_steps=int(bidora[i + 1]))
+
+
+def test_bad_methods_protocols_and_lists_are_sentences():
+    with pytest.raises(ValueError, match="unknown method 'qlora'"):
+        grid.method_flags("qlora")
+    with pytest.raises(ValueError, match="unknown protocol"):
+        grid.method_flags("lora", "all")
+    with pytest.raises(ValueError, match="without repeats"):
+        grid.plan_grid("x", ["lora"], [0, 0])
+    with pytest.raises(ValueError, match="without repeats"):
+        grid.plan_grid("x", ["lora", "lora"], [0])
+
+
+def test_order_once_and_folders(tmp_path):
+    runs = grid.plan_grid(tmp_path, ["bidora", "base", "lora"], [0, 1], once=["base"])
+    assert [(r.method, r.seed) for r in runs] == [("bidora", 0), ("base", 0), ("lora", 0), ("bidora", 1), ("lora", 1)]
+    by_method = grid.plan_grid(tmp_path, ["bidora", "base", "lora"], [0, 1], once=["base"], order="method")
+    assert [(r.method, r.seed) for r in by_method] == [("bidora", 0), ("bidora", 1), ("base", 0), ("lora", 0),
+                                                       ("lora", 1)]
+    assert runs[0].out == tmp_path / "bidora" / "seed0"
+    assert [r.out for r in grid.plan_grid(tmp_path, None, [3])] == [tmp_path / "seed3"]
+
+
+def test_cli_runs_the_grid_skips_finished_runs_and_puts_common_flags_last(tmp_path, runner):
+    out = tmp_path / "out"
+    argv = [str(runner), "--out", str(out), "--methods", "lora,bidora", "--seeds", "0 1", "--steps", "7",
+            "--retrain-steps", "9", "--", "--config", "c.yaml", "--max_steps", "3"]
+    assert grid.main(argv) == 0
+    lora = calls(out / "lora" / "seed1")
+    assert lora == [["--method", "lora", "--seed", "1", "--output_dir", str(out / "lora" / "seed1"),
+                     "--upper_fraction", "0", "--retrain_max_steps", "0", "--max_steps", "7",
+                     "--config", "c.yaml", "--max_steps", "3"]]  # the user's --max_steps comes last: it wins
+    assert calls(out / "bidora" / "seed0")[0][6:10] == ["--max_steps", "7", "--retrain_max_steps", "9"]
+    # the same command again: every run is finished and skipped; --finished redo asks the runner to overwrite
+    assert grid.main(argv) == 0 and len(calls(out / "lora" / "seed1")) == 1
+    assert grid.main([*argv[:-5], "--finished", "redo", *argv[-5:]]) == 0
+    assert calls(out / "lora" / "seed1")[1][-1] == "--overwrite_output_dir"
+    # --overwrite_output_dir given to the runner directly is not defeated by the skip
+    assert grid.main([*argv, "--overwrite_output_dir"]) == 0 and len(calls(out / "lora" / "seed1")) == 3
+
+
+def test_a_failing_run_stops_the_grid_with_status_1(tmp_path, runner, capsys):
+    out = tmp_path / "out"
+    assert grid.main([str(runner), "--out", str(out), "--methods", "dora", "--seeds", "13 2"]) == 1
+    assert "dora seed 13: FAILED" in capsys.readouterr().err
+    assert not (out / "dora" / "seed2").exists()  # nothing after the failure
+    assert grid.main([str(runner), "--out", str(out), "--methods", "qlora"]) == 2
+    assert "unknown method 'qlora'" in capsys.readouterr().err
+
+
+def test_parallel_jobs_log_to_files_and_set_threads(tmp_path, runner):
+    out = tmp_path / "out"
+    assert grid.main([str(runner), "--out", str(out), "--methods", "lora dora", "--seeds", "0 1", "--jobs", "2",
+                      "--threads", "1"]) == 0
+    for method in ("lora", "dora"):
+        for seed in (0, 1):
+            assert json.loads((out / method / f"seed{seed}" / "results.json").read_text()) == {"threads": "1"}
+            assert (out / method / f"seed{seed}.log").read_text().startswith("$ ")
+    assert grid.main([str(runner), "--out", str(out), "--methods", "lora", "--seeds", "13", "--jobs", "2"]) == 1
+
+
+def test_dry_run_prints_commands_on_stdout_and_runs_nothing(tmp_path, runner):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/grid.py"), str(runner), "--out", str(tmp_path / "o"),
+                           "--methods", "ft", "--ft-lr", "2e-5", "--dry-run", "--", "--x", "a b"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    line, = proc.stdout.splitlines()
+    assert line.startswith("[dry run] ") and line.endswith("--learning_rate 2e-5 --x 'a b'")
+    assert not (tmp_path / "o").exists()
