@@ -25,12 +25,14 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    # `make test` runs the suite in 2 pytest-xdist workers (one per core of the CI machine): one torch thread each,
-    # so that the two do not fight over the cores (subprocess tests set OMP_NUM_THREADS themselves).
+    # `make test` runs the suite in 2 pytest-xdist workers (one per core of the CI machine): one thread each, for
+    # torch in the worker and for the scripts its tests start (they inherit OMP_NUM_THREADS), so that the two workers
+    # do not fight over the cores (two threads each on 2 cores doubled the time of the subprocess-heavy tests).
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     config.addinivalue_line("markers", "cuda: the GPU check's subset (device-parametrised; runs on the CPU too)")
     config.addinivalue_line("markers", "cuda_only: device-parametrised test whose CPU variant is skipped")
 
