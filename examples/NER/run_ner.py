@@ -39,23 +39,36 @@ line), 2 bad command line.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import json
-import os
-import re
-import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent))  # examples/: run_common
 sys.path.insert(0, str(_HERE))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from ner_data import ConllError, align_labels, first_subwords, inside_of, label_list, read_conll  # noqa: E402
 from ner_metrics import entity_scores, make_compute_metrics  # noqa: E402
+from run_common import (  # noqa: E402
+    HUB_SPLITS,
+    RunError,
+    check_output_dir,
+    finish_run,
+    first_line,
+    flat_config,
+    held_out_fraction,
+    load_hub_dataset,
+    logits_of,
+    package_versions,
+    parse_groups,
+    position_limit,
+    script_parser,
+    selection_split,
+    start_runtime,
+    train_and_select,
+)
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForTokenClassification,
@@ -64,7 +77,6 @@ from transformers import (  # noqa: E402
     HfArgumentParser,
     set_seed,
 )
-from transformers.training_args import IntervalStrategy  # noqa: E402
 
 import loralib  # noqa: E402
 from loralib import BiDoRATrainer, BiDoRATrainingArguments  # noqa: E402
@@ -79,11 +91,11 @@ SPLITS = ("train", "validation", "test")
 SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2,
                        logging_steps=50, load_best_model_at_end=True, metric_for_best_model="f1",
                        modules_to_save=["classifier"])
-RUN_FILES = ("results.json", "all_results.json", "run_config.json", "loralib_run.json", "adapter", "model")
-
-
-class RunError(Exception):
-    """Bad input found before or while loading (a missing file, an unknown column, ...): one ``error:`` line."""
+#: The packages whose versions results.json records
+VERSIONED = ("torch", "transformers", "datasets", "tokenizers", "seqeval", "loralib-bidora")
+#: This script's model types with RoBERTa's position numbering (run_glue's list, run_common.PADDED_POSITIONS, is
+#: longer); DeBERTa's position_biased_input is not looked at either
+PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")
 
 
 @dataclass
@@ -149,19 +161,11 @@ class RunArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, loralib.AdapterConfig, RunArguments,
-                               BiDoRATrainingArguments), allow_abbrev=False, description=__doc__.split("\n")[0])
-    parser.set_defaults(**SCRIPT_DEFAULTS)
-    for action in parser._actions:
-        if action.dest == "output_dir":
-            action.required = True
-        if action.dest == "upper_fraction":
-            action.help = ("Held-out share of train (whole sentences, seeded): BiDoRA's upper split, and for ft, lora "
-                           "and dora the selection split unless --heldout_fraction is given.")
-        if action.dest == "method":
-            action.choices = list(METHODS)
-            action.help = f"ft (full fine-tuning: no adapter, every weight trains), {action.help}"
-    return parser
+    return script_parser(
+        (ModelArguments, DataTrainingArguments, loralib.AdapterConfig, RunArguments, BiDoRATrainingArguments),
+        __doc__.split("\n")[0], SCRIPT_DEFAULTS, METHODS, "ft (full fine-tuning: no adapter, every weight trains)",
+        {"upper_fraction": "Held-out share of train (whole sentences, seeded): BiDoRA's upper split, and for ft, lora "
+                           "and dora the selection split unless --heldout_fraction is given."})
 
 
 def parse_args(argv: list[str] | None = None):
@@ -169,17 +173,7 @@ def parse_args(argv: list[str] | None = None):
     bad command line. For ``--method ft`` no adapter is applied (``run_args.method`` says so; the adapter options are
     still checked, with ``adapter_config.method`` then ``lora``)."""
     parser = make_parser()
-    namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
-    method = namespace.method
-    if method == "ft":
-        namespace.method = "lora"
-    try:
-        groups = [dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
-                  for dtype in parser.dataclass_types]
-    except ValueError as err:
-        parser.error(str(err))
+    groups, method = parse_groups(parser, argv, ("ft",))
     model_args, data_args, adapter_config, run_args, args = groups
     run_args.method = method
     problem = (
@@ -195,14 +189,6 @@ def parse_args(argv: list[str] | None = None):
     if problem:
         parser.error(problem)
     return model_args, data_args, adapter_config, run_args, args
-
-
-def held_out_fraction(method: str, args: BiDoRATrainingArguments) -> float:
-    """The share of train held out as the ``heldout`` split (BiDoRA's upper split; the baselines' selection split,
-    ``upper_fraction`` too unless ``heldout_fraction`` is given, so that every method sees the same data)."""
-    if method == "bidora" or args.heldout_fraction is None:
-        return args.upper_fraction
-    return args.heldout_fraction
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -228,16 +214,10 @@ def load_hub_splits(data_args: DataTrainingArguments):
     list of ``ClassLabel``), and its label list (the class names in their order, else the sorted tag set)."""
     import datasets
 
-    try:
-        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                    revision=data_args.dataset_revision)
-    except Exception as err:  # offline, unknown name, a script dataset (datasets >= 4 refuses scripts), ...
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load dataset {data_args.dataset_name!r}: {first}") from None
-    names = {"train": "train", "validation": "validation", "dev": "validation", "test": "test"}
+    raw = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.dataset_revision)
     splits, class_names = {}, None
     for hub_name, dataset in raw.items():
-        if hub_name not in names:
+        if hub_name not in HUB_SPLITS:
             continue
         for column in (data_args.text_column_name, data_args.label_column_name):
             if column not in dataset.column_names:
@@ -252,7 +232,7 @@ def load_hub_splits(data_args: DataTrainingArguments):
         elif tags and tags[0] and not isinstance(tags[0][0], str):
             raise RunError(f"column {data_args.label_column_name!r} holds class ids without names; use a dataset "
                            "whose tags are strings or a list of ClassLabel")
-        splits[names[hub_name]] = {"tokens": [list(map(str, row)) for row in dataset[data_args.text_column_name]],
+        splits[HUB_SPLITS[hub_name]] = {"tokens": [list(map(str, row)) for row in dataset[data_args.text_column_name]],
                                    "ner_tags": [list(row) for row in tags]}
     if "train" not in splits:
         raise RunError(f"dataset {data_args.dataset_name!r} has no train split (splits: {', '.join(raw)})")
@@ -304,8 +284,7 @@ def load_tokenizer(model_args: ModelArguments):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load the tokenizer of {name!r}: {first}") from None
+        raise RunError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from None
     if not tokenizer.is_fast:
         raise RunError(f"the tokenizer of {name!r} is not a fast tokenizer: word-to-subword alignment needs "
                        "word_ids(), which only fast (tokenizers-backed) tokenizers give")
@@ -374,21 +353,10 @@ def build_model(model_args: ModelArguments, labels: list[str], adapter_config: l
         model = AutoModelForTokenClassification.from_pretrained(
             model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
     except Exception as err:  # missing / damaged weight files: transformers and safetensors errors of several kinds
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load the model {model_args.model_name_or_path!r}: {first}") from None
+        raise RunError(f"cannot load the model {model_args.model_name_or_path!r}: {first_line(err)}") from None
     if adapter_config is not None:
         print(loralib.apply_adapters(model, adapter_config), file=sys.stderr)
     return model
-
-
-def position_limit(config) -> int | None:
-    """Tokens the model's absolute position embeddings can read (RoBERTa numbers positions from pad + 1)."""
-    if getattr(config, "position_embedding_type", "absolute") != "absolute" or \
-            not hasattr(config, "max_position_embeddings"):
-        return None
-    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer") \
-        and config.pad_token_id is not None else 0
-    return config.max_position_embeddings - offset
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
@@ -406,8 +374,7 @@ def evaluate_split(trainer, name: str, split, labels: list[str], per_type: bool)
     """Word-level metrics (and the loss) of one split, and the predicted tags."""
     dataset, word_ids, words, gold = split
     output = trainer.predict(dataset, metric_key_prefix=name)
-    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    predicted = word_predictions(np.asarray(logits), word_ids, [len(w) for w in words], labels)
+    predicted = word_predictions(np.asarray(logits_of(output)), word_ids, [len(w) for w in words], labels)
     metrics = entity_scores(gold, predicted, per_type=per_type)
     metrics["loss"] = float(output.metrics.get(f"{name}_loss", float("nan")))
     return metrics, predicted
@@ -420,48 +387,13 @@ def write_predictions(path: Path, words, gold, predicted) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for package in ("torch", "transformers", "datasets", "tokenizers", "seqeval", "loralib-bidora"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
-def flat_config(*groups) -> dict:
-    out = {}
-    for group in groups:
-        out.update(group.to_dict() if hasattr(group, "to_dict") else asdict(group))
-    return json.loads(json.dumps(out, default=str))
-
-
 # ---- the run ------------------------------------------------------------------------------------------------------
-def check_output_dir(out: Path, overwrite: bool) -> bool:
-    """Whether to resume; removes a previous run's files with ``overwrite``; refuses a finished run otherwise."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output_dir {out} is a file")
-    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-    if overwrite:
-        for path in [*checkpoints, *(out / name for name in RUN_FILES), *out.glob("*_results.json"),
-                     *out.glob("predictions_*.txt")]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        return False
-    if (out / "results.json").exists():
-        raise RunError(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir to replace it")
-    return bool(checkpoints)
-
-
 def run(model_args, data_args, adapter_config, run_args, args) -> dict:
     out, method = Path(args.output_dir), run_args.method
-    resume = check_output_dir(out, run_args.overwrite_output_dir)
+    resume = check_output_dir(out, run_args.overwrite_output_dir, ("predictions_*.txt",))
     tokenizer = load_tokenizer(model_args)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-    limit = position_limit(config)
+    limit = position_limit(config, PADDED_POSITIONS, biased_input=False)
     if limit is not None and data_args.max_seq_length > limit:
         raise RunError(f"--max_seq_length {data_args.max_seq_length} is beyond the {limit} positions "
                        f"{model_args.model_name_or_path} can read; use --max_seq_length {limit} or less")
@@ -475,25 +407,9 @@ def run(model_args, data_args, adapter_config, run_args, args) -> dict:
     held = splits["heldout"][0] if "heldout" in splits else None
     # What is reported: the step best on held-out train data (or on the split --metric_for_best_model names), or the
     # final model (no held-out split, no evaluation, or --load_best_model_at_end false).
-    metric = (args.metric_for_best_model or "f1").removeprefix("eval_")
-    named_split = next((s for s in ("heldout", "validation", "test") if metric.startswith(f"{s}_")), None)
-    metric = metric.removeprefix(f"{named_split}_") if named_split else metric
-    if held is None and not dev:
-        args.eval_strategy = IntervalStrategy.NO
-    split = named_split or ("heldout" if held is not None else None)
-    if split == "test":
-        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects the model on the test split, "
-                       "which makes its test score optimistic; name the held-out split (heldout_...) or the dev split")
-    if split == "validation" and not dev:
-        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects on the dev split and this run "
-                       "has none (give --validation_file, or a dataset with a validation split)")
-    if split == "heldout" and held is None:
-        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects on the held-out split and this "
-                       "run holds none out (--upper_fraction / --heldout_fraction 0)")
-    if args.eval_strategy == IntervalStrategy.NO or split is None or not args.load_best_model_at_end:
-        args.load_best_model_at_end, args.metric_for_best_model, selection = False, None, "final"
-    else:
-        args.metric_for_best_model, selection = f"{split}_{metric}", split
+    split, metric = selection_split(args, held, dev, "f1",
+                                    dev_hint=" (give --validation_file, or a dataset with a validation split)")
+    selection = split or "final"
 
     collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8 if (args.bf16 or args.fp16)
                                                   else None)
@@ -509,12 +425,7 @@ def run(model_args, data_args, adapter_config, run_args, args) -> dict:
             role = "BiDoRA's magnitudes train on it" if method == "bidora" else "ft / lora / dora do not train on it"
             print(f"holding out {fraction:.0%} of train ({len(held)} of {len(splits['train'][0])} sentences) as the "
                   f"heldout split: {role}; the model is selected on it", flush=True)
-    if resume:
-        print(f"resuming the unfinished run in {out} from its newest complete checkpoint", flush=True)
-    train_result = trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_metrics("train", train_result.metrics)
-    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
-    selected_step = int(re.search(r"checkpoint-(\d+)", best).group(1)) if best else trainer.state.global_step
+    train_result, selected_step = train_and_select(trainer, args, out, resume)
 
     evaluated = [n for n in ("heldout", "validation", "test") if n in splits and (n != "validation" or args.do_eval)]
     results_eval, lost = {}, {}
@@ -539,34 +450,19 @@ def run(model_args, data_args, adapter_config, run_args, args) -> dict:
         "config": flat_config(model_args, data_args, adapter_config, run_args, args),
         "trainable_parameters": trainable, "total_parameters": sum(p.numel() for p in model.parameters()),
         "train_runtime_s": train_result.metrics.get("train_runtime"), "world_size": args.world_size,
-        "device": str(args.device), "versions": versions(),
+        "device": str(args.device), "versions": package_versions(VERSIONED),
         "data_sizes": {n: len(s[0]) for n, s in splits.items()}, "words_without_prediction": lost,
     }
     if args.process_index == 0:
-        if method == "ft":
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-        else:
-            sizes = ", ".join(f"{n} {k}" for n, k in results["data_sizes"].items())
-            loralib.save_adapters(model, out / "adapter", metrics={
-                f"{split} at step {selected_step} (selection: {selection})": values
-                for split, values in results_eval.items()}, training_data=f"{source}, sentences per split: {sizes}")
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
-        if not run_args.keep_checkpoints:
-            for path in out.glob("checkpoint-*"):
-                shutil.rmtree(path)
+        finish_run(out, results, model, tokenizer, full_model=method == "ft", adapted=method != "ft", data=source,
+                   unit="sentences", keep_checkpoints=run_args.keep_checkpoints)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     groups = parse_args(argv)
     args = groups[-1]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_flush_denormal(True)  # subnormals from darts' tiny finite differences make CPU kernels ~10x slower
-    if args.device.type == "cpu":
-        args.dataloader_pin_memory = False  # nothing to pin for (torch warns at every data loader otherwise)
-        if not args.use_cpu:
-            print("note: no GPU found: running on the CPU", file=sys.stderr, flush=True)
+    start_runtime(args)
     try:
         results = run(*groups)
     except (RunError, ConllError, ValueError, OSError, FloatingPointError) as err:

@@ -46,23 +46,36 @@ input (one ``error:`` line), 2 bad command line.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import json
 import math
-import os
-import re
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import e2e_metrics
-import nlg_data
-import torch
-import torch.nn.functional as F
-from transformers import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: run_common
+
+import e2e_metrics  # noqa: E402
+import nlg_data  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from run_common import (  # noqa: E402
+    HUB_SPLITS,
+    RunError,
+    check_output_dir,
+    finish_run,
+    first_line,
+    flat_config,
+    held_out_fraction,
+    load_hub_dataset,
+    package_versions,
+    parse_groups,
+    script_parser,
+    selection_split,
+    start_runtime,
+    train_and_select,
+)
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -71,13 +84,12 @@ from transformers import (
     HfArgumentParser,
     set_seed,
 )
-from transformers.training_args import IntervalStrategy
 
-import loralib
-from loralib import BiDoRATrainer, BiDoRATrainingArguments
-from loralib.config import METHODS as ADAPTER_METHODS
-from loralib.files import atomic_write_text
-from loralib.runtime import trainable_parameter_counts
+import loralib  # noqa: E402
+from loralib import BiDoRATrainer, BiDoRATrainingArguments  # noqa: E402
+from loralib.config import METHODS as ADAPTER_METHODS  # noqa: E402
+from loralib.files import atomic_write_text  # noqa: E402
+from loralib.runtime import trainable_parameter_counts  # noqa: E402
 
 METHODS = ("base", "ft", *ADAPTER_METHODS)
 SPLITS = ("train", "validation", "test")
@@ -92,11 +104,8 @@ DEFAULT_TARGETS = ["q_proj", "v_proj"]  # Llama, Mistral, Qwen2, Phi-3 ... (ever
 SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2,
                        logging_steps=50, load_best_model_at_end=True, metric_for_best_model="loss",
                        greater_is_better=False, target_modules=["auto"])
-RUN_FILES = ("results.json", "all_results.json", "run_config.json", "loralib_run.json", "adapter", "model")
-
-
-class RunError(Exception):
-    """Bad input found before or while loading (a missing file, an unknown column, ...): one ``error:`` line."""
+#: The packages whose versions results.json records
+VERSIONED = ("torch", "transformers", "datasets", "tokenizers", "sacrebleu", "nltk", "rouge-score", "loralib-bidora")
 
 
 @dataclass
@@ -212,25 +221,16 @@ class RunArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, GenerationArguments, loralib.AdapterConfig,
-                               RunArguments, BiDoRATrainingArguments), allow_abbrev=False,
-                              description=__doc__.split("\n")[0])
-    parser.set_defaults(**SCRIPT_DEFAULTS)
-    for action in parser._actions:
-        if action.dest == "output_dir":
-            action.required = True
-        if action.dest == "upper_fraction":
-            action.help = ("Held-out share of train (whole groups, seeded): BiDoRA's upper split, and for ft, lora "
-                           "and dora the selection split unless --heldout_fraction is given.")
-        if action.dest == "method":
-            action.choices = list(METHODS)
-            action.help = (f"base (the pretrained model evaluated as it is, nothing trained), ft (full fine-tuning: "
-                           f"no adapter, every weight trains), {action.help}")
-        if action.dest == "target_modules":
-            action.help = ("auto (this script's default): the attention query and value projections (q_proj / "
+    return script_parser(
+        (ModelArguments, DataTrainingArguments, GenerationArguments, loralib.AdapterConfig, RunArguments,
+         BiDoRATrainingArguments), __doc__.split("\n")[0], SCRIPT_DEFAULTS, METHODS,
+        "base (the pretrained model evaluated as it is, nothing trained), ft (full fine-tuning: no adapter, every "
+        "weight trains)",
+        {"upper_fraction": "Held-out share of train (whole groups, seeded): BiDoRA's upper split, and for ft, lora "
+                           "and dora the selection split unless --heldout_fraction is given.",
+         "target_modules": "auto (this script's default): the attention query and value projections (q_proj / "
                            "v_proj; GPT-2: c_attn, its fused q/k/v Conv1D, whole); or module-name suffixes, or "
-                           "all-linear.")
-    return parser
+                           "all-linear."})
 
 
 def parse_args(argv: list[str] | None = None):
@@ -238,17 +238,7 @@ def parse_args(argv: list[str] | None = None):
     and a message on a bad command line. For ``--method ft`` and ``base`` no adapter is applied (``run_args.method``
     says so; the adapter options are still checked, with ``adapter_config.method`` then ``lora``)."""
     parser = make_parser()
-    namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
-    method = namespace.method
-    if method in ("ft", "base"):
-        namespace.method = "lora"
-    try:
-        groups = [dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
-                  for dtype in parser.dataclass_types]
-    except ValueError as err:
-        parser.error(str(err))
+    groups, method = parse_groups(parser, argv, ("ft", "base"))
     model_args, data_args, gen_args, adapter_config, run_args, args = groups
     run_args.method = method
     metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
@@ -269,14 +259,6 @@ def parse_args(argv: list[str] | None = None):
     if problem:
         parser.error(problem)
     return model_args, data_args, gen_args, adapter_config, run_args, args
-
-
-def held_out_fraction(method: str, args: BiDoRATrainingArguments) -> float:
-    """The share of train held out as the ``heldout`` split (BiDoRA's upper split; the baselines' selection split,
-    ``upper_fraction`` too unless ``heldout_fraction`` is given, so that every method sees the same data)."""
-    if method == "bidora" or args.heldout_fraction is None:
-        return args.upper_fraction
-    return args.heldout_fraction
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -318,20 +300,12 @@ def load_raw_splits(data_args: DataTrainingArguments, output_dir: Path) -> tuple
 
 def load_hub_tables(data_args: DataTrainingArguments) -> dict[str, tuple[list[dict], str]]:
     """The hub dataset's train / validation (or dev) / test splits as lists of string dicts."""
-    import datasets
-
-    try:
-        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                    revision=data_args.dataset_revision)
-    except Exception as err:  # offline, unknown name, a script dataset (datasets >= 4 refuses scripts), ...
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load dataset {data_args.dataset_name!r}: {first}") from None
-    names = {"train": "train", "validation": "validation", "dev": "validation", "test": "test"}
+    raw = load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.dataset_revision)
     tables = {}
     for hub_name, dataset in raw.items():
-        if hub_name in names:
+        if hub_name in HUB_SPLITS:
             table = [{k: "" if v is None else str(v) for k, v in row.items()} for row in dataset]
-            tables[names[hub_name]] = (table, f"dataset {data_args.dataset_name!r} split {hub_name!r}")
+            tables[HUB_SPLITS[hub_name]] = (table, f"dataset {data_args.dataset_name!r} split {hub_name!r}")
     if "train" not in tables:
         raise RunError(f"dataset {data_args.dataset_name!r} has no train split (splits: {', '.join(raw)})")
     return tables
@@ -509,8 +483,7 @@ def load_tokenizer(model_args: ModelArguments):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load the tokenizer of {name!r}: {first}") from None
+        raise RunError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from None
     if tokenizer.pad_token is None:  # GPT-2: pad with EOS (the collator labels by attention mask, EOS stays in)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -528,8 +501,7 @@ def build_model(model_args: ModelArguments, adapter_config: loralib.AdapterConfi
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
                                                      dtype=DTYPES[model_args.base_dtype])
     except Exception as err:  # missing / damaged weight files: transformers and safetensors errors of several kinds
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load the model {model_args.model_name_or_path!r}: {first}") from None
+        raise RunError(f"cannot load the model {model_args.model_name_or_path!r}: {first_line(err)}") from None
     model.config.use_cache = False  # training; generation turns the cache back on
     if adapter_config is not None:
         resolve_targets(adapter_config, model.config.model_type)
@@ -538,6 +510,9 @@ def build_model(model_args: ModelArguments, adapter_config: loralib.AdapterConfi
 
 
 def position_limit(config) -> int | None:
+    """Tokens a decoder can attend over: ``n_positions`` or ``max_position_embeddings`` (the first that is an int),
+    None (no known limit) without either. Not run_common.position_limit: no RoBERTa offset and no exception for
+    relative positions."""
     for name in ("n_positions", "max_position_embeddings"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
@@ -614,74 +589,13 @@ def generation_inputs(rows: list[dict], n: int) -> tuple[list[str | None], list[
     return prompts, references, None
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for package in ("torch", "transformers", "datasets", "tokenizers", "sacrebleu", "nltk", "rouge-score",
-                    "loralib-bidora"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
-def flat_config(*groups) -> dict:
-    out = {}
-    for group in groups:
-        out.update(group.to_dict() if hasattr(group, "to_dict") else asdict(group))
-    return json.loads(json.dumps(out, default=str))
-
-
 # ---- the run ------------------------------------------------------------------------------------------------------
-def check_output_dir(out: Path, overwrite: bool) -> bool:
-    """Whether to resume; removes a previous run's files with ``overwrite``; refuses a finished run otherwise."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output_dir {out} is a file")
-    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-    if overwrite:
-        for path in [*checkpoints, *(out / name for name in RUN_FILES), *out.glob("*_results.json"),
-                     *out.glob("generations_*.jsonl")]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        return False
-    if (out / "results.json").exists():
-        raise RunError(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir to replace it")
-    return bool(checkpoints)
-
-
-def selection_split(args, held, dev) -> tuple[str | None, str]:
-    """``(split selected on or None, metric)``; sets the Trainer's selection options accordingly."""
-    metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
-    named = next((s for s in ("heldout", "validation", "test") if metric.startswith(f"{s}_")), None)
-    metric = metric.removeprefix(f"{named}_") if named else metric
-    if held is None and not dev:
-        args.eval_strategy = IntervalStrategy.NO
-    split = named or ("heldout" if held is not None else None)
-    if split == "test":
-        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects the model on the test split, "
-                       "which makes its test score optimistic; name the held-out split (heldout_loss) or the dev "
-                       "split")
-    if split == "validation" and not dev:
-        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects on the dev split and this run "
-                       "has none")
-    if split == "heldout" and held is None:
-        raise RunError(f"--metric_for_best_model {args.metric_for_best_model} selects on the held-out split and this "
-                       "run holds none out (--upper_fraction / --heldout_fraction 0)")
-    if args.eval_strategy == IntervalStrategy.NO or split is None or not args.load_best_model_at_end:
-        args.load_best_model_at_end, args.metric_for_best_model = False, None
-        return None, metric
-    args.metric_for_best_model, args.greater_is_better = f"{split}_{metric}", False
-    return split, metric
-
-
 def train(model, splits, collator, tokenizer, method: str, fraction: float, resume: bool, args) -> dict:
     """Train ``model`` with one ``BiDoRATrainer`` (every method); returns what the results record about it."""
     out = Path(args.output_dir)
     dev = {"validation": splits["validation"][0]} if "validation" in splits and args.do_eval else {}
     held = splits["heldout"][0] if "heldout" in splits else None
-    split, metric = selection_split(args, held, dev)
+    split, metric = selection_split(args, held, dev, "loss", greater=False, heldout_example="heldout_loss")
     trainer = BiDoRATrainer(model=model, args=args, train_dataset=splits["lower" if held is not None else "train"][0],
                             eval_dataset=dev or None, upper_dataset=held, data_collator=collator,
                             processing_class=tokenizer)
@@ -689,20 +603,15 @@ def train(model, splits, collator, tokenizer, method: str, fraction: float, resu
         role = "BiDoRA's magnitudes train on it" if method == "bidora" else "ft / lora / dora do not train on it"
         print(f"holding out {fraction:.0%} of train's groups ({len(held)} of {len(splits['train'][0])} examples) as "
               f"the heldout split: {role}", flush=True)
-    if resume:
-        print(f"resuming the unfinished run in {out} from its newest complete checkpoint", flush=True)
-    train_result = trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_metrics("train", train_result.metrics)
-    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    train_result, selected_step = train_and_select(trainer, args, out, resume)
     return {"model": trainer.model, "trainer": trainer, "selection": split or "final", "select_metric": metric,
-            "selected_step": int(re.search(r"checkpoint-(\d+)", best).group(1)) if best else trainer.state.global_step,
-            "steps": trainer.state.global_step, "history": trainer.state.log_history,
+            "selected_step": selected_step, "steps": trainer.state.global_step, "history": trainer.state.log_history,
             "train_runtime_s": train_result.metrics.get("train_runtime")}
 
 
 def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict:
     out, method = Path(args.output_dir), run_args.method
-    resume = check_output_dir(out, run_args.overwrite_output_dir)
+    resume = check_output_dir(out, run_args.overwrite_output_dir, ("generations_*.jsonl",))
     tokenizer = load_tokenizer(model_args)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     limit = position_limit(config)
@@ -765,34 +674,19 @@ def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict
         "config": flat_config(model_args, data_args, gen_args, adapter_config, run_args, args),
         "trainable_parameters": trainable, "total_parameters": sum(p.numel() for p in model.parameters()),
         "world_size": args.world_size, "device": str(args.device), "torch_threads": torch.get_num_threads(),
-        "versions": versions(), "data_sizes": {n: len(s[0]) for n, s in splits.items()},
+        "versions": package_versions(VERSIONED), "data_sizes": {n: len(s[0]) for n, s in splits.items()},
         "truncated_examples": formatter.truncated,
     }
     if args.process_index == 0:
-        if method == "ft":
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-        elif adapted:
-            sizes = ", ".join(f"{n} {k}" for n, k in results["data_sizes"].items())
-            loralib.save_adapters(model, out / "adapter", metrics={
-                f"{name} at step {trained['selected_step']} (selection: {trained['selection']})": values
-                for name, values in results_eval.items()}, training_data=f"{source}, examples per split: {sizes}")
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
-        if not run_args.keep_checkpoints:
-            for path in out.glob("checkpoint-*"):
-                shutil.rmtree(path)
+        finish_run(out, results, model, tokenizer, full_model=method == "ft", adapted=adapted, data=source,
+                   unit="examples", keep_checkpoints=run_args.keep_checkpoints)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     groups = parse_args(argv)
     args = groups[-1]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_flush_denormal(True)  # subnormals from darts' tiny finite differences make CPU kernels ~10x slower
-    if args.device.type == "cpu":
-        args.dataloader_pin_memory = False
-        if not args.use_cpu:
-            print("note: no GPU found: running on the CPU", file=sys.stderr, flush=True)
+    start_runtime(args)
     try:
         results = run(*groups)
     except (RunError, nlg_data.DataError, e2e_metrics.MetricsError, ValueError, OSError, FloatingPointError) as err:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: run_common
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets  # noqa: E402
@@ -40,7 +39,18 @@ from glue_data import FILE_OPTIONS, load_glue_datasets  # noqa: E402
 from glue_metrics import compute_metrics  # noqa: E402
 from glue_tasks import TASK_NAMES, GlueTask, get_task  # noqa: E402
 from modeling import POOLINGS, load_classifier  # noqa: E402
-from run_helpers import RunError  # noqa: E402
+from run_common import (  # noqa: E402
+    RunError,
+    first_line,
+    flat_config,
+    held_out_fraction,
+    logits_of,
+    parse_groups,
+    position_limit,
+    save_adapter,
+    script_parser,
+    start_runtime,
+)
 from transformers import DataCollatorWithPadding, HfArgumentParser, set_seed  # noqa: E402
 from transformers.training_args import IntervalStrategy  # noqa: E402
 
@@ -144,21 +154,15 @@ class RunArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, loralib.AdapterConfig, RunArguments,
-                               BiDoRATrainingArguments), allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = script_parser(
+        (ModelArguments, DataTrainingArguments, loralib.AdapterConfig, RunArguments, BiDoRATrainingArguments),
+        __doc__.split("\n")[0], SCRIPT_DEFAULTS, METHODS, "ft (full fine-tuning: no adapter, every weight trains)",
+        # this runner also holds upper_fraction out for the baselines' selection
+        {"upper_fraction": "Held-out share of train: BiDoRA's upper split (its magnitudes train on it), and for ft, "
+                           "lora and dora the selection split unless --heldout_fraction is given; every method is "
+                           "selected on it. 0: ft / lora / dora train on all of train and report the final model."})
     parser.add_argument("--config", help="YAML file of options (keys = the option names); the command line "
                         "overrides it.")
-    parser.set_defaults(**SCRIPT_DEFAULTS)
-    for action in parser._actions:
-        if action.dest == "output_dir":
-            action.required = True
-        if action.dest == "upper_fraction":  # this runner also holds it out for the baselines' selection
-            action.help = ("Held-out share of train: BiDoRA's upper split (its magnitudes train on it), and for ft, "
-                           "lora and dora the selection split unless --heldout_fraction is given; every method is "
-                           "selected on it. 0: ft / lora / dora train on all of train and report the final model.")
-        if action.dest == "method":  # AdapterConfig's methods, and full fine-tuning (no adapter)
-            action.choices = list(METHODS)
-            action.help = f"ft (full fine-tuning: no adapter, every weight trains), {action.help}"
     return parser
 
 
@@ -173,18 +177,7 @@ def parse_args(argv: list[str] | None = None):
     config = pre.parse_known_args(argv)[0].config
     if config:
         rh.apply_config(parser, config)
-    namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        hints = [f"{a} is now --{rh.RENAMED[a[2:]]}" for a in remaining if a.startswith("--") and a[2:] in rh.RENAMED]
-        parser.error(f"unrecognized arguments: {' '.join(remaining)}" + (f" ({'; '.join(hints)})" if hints else ""))
-    method = namespace.method
-    if method == "ft":  # no adapter is applied; the other adapter options are still checked
-        namespace.method = "lora"
-    try:  # one dataclass per group, as HfArgumentParser.parse_args_into_dataclasses builds them
-        groups = [dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
-                  for dtype in parser.dataclass_types]
-    except ValueError as err:
-        parser.error(str(err))
+    groups, method = parse_groups(parser, argv, ("ft",), rh.RENAMED)  # ft: no adapter; its options are still checked
     model_args, data_args, adapter_config, run_args, args = groups
     run_args.method = method
     problem = (
@@ -211,11 +204,6 @@ def parse_args(argv: list[str] | None = None):
     return model_args, data_args, adapter_config, run_args, args
 
 
-def held_out_fraction(method: str, args: BiDoRATrainingArguments) -> float:
-    """The share of train held out as the ``heldout`` split (BiDoRA's upper split; the baselines' selection split)."""
-    return args.upper_fraction if method == "bidora" else (args.heldout_fraction or 0.0)
-
-
 # ---- data and model ---------------------------------------------------------------------------------------------
 def load_datasets(data_args: DataTrainingArguments, tokenizer) -> tuple[GlueTask, dict]:
     """``(task, {split: tokenised datasets.Dataset})``; the task is inferred from train without --task_name."""
@@ -236,8 +224,7 @@ def build_model(model_args: ModelArguments, adapter_config: loralib.AdapterConfi
     try:
         model = load_classifier(model_args.model_name_or_path, task.num_labels, pooling=model_args.pooling)
     except Exception as err:  # missing or damaged weight files: transformers / safetensors errors of several kinds
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"cannot load the weights of {model_args.model_name_or_path!r}: {first}") from None
+        raise RunError(f"cannot load the weights of {model_args.model_name_or_path!r}: {first_line(err)}") from None
     if adapter_config is not None:
         print(loralib.apply_adapters(model, adapter_config), file=sys.stderr)
     return model
@@ -271,7 +258,7 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
     out = Path(args.output_dir)
     status = rh.inspect_output_dir(out, run_args.overwrite_output_dir)
     config, tokenizer = rh.load_pretrained(model_args.model_name_or_path)
-    limit = rh.position_limit(config)
+    limit = position_limit(config)
     if limit is not None and data_args.max_length > limit:
         raise RunError(f"--max_length {data_args.max_length} is beyond the {limit} positions "
                        f"{model_args.model_name_or_path} can read; use --max_length {limit} or less")
@@ -302,13 +289,13 @@ def prepare(model_args: ModelArguments, data_args: DataTrainingArguments, adapte
     if split is None:
         split = dev[0] if run_args.select_on_dev else "heldout"
     if (run_args.retrain_max_steps or args.eval_strategy == IntervalStrategy.NO
-            or (split == "heldout" and held_out_fraction(run_args.method, args) == 0)):
+            or (split == "heldout" and held_out_fraction(run_args.method, args, unset_is_upper=False) == 0)):
         selection, args.metric_for_best_model = "final", None
     else:
         selection = "heldout" if split == "heldout" else "dev_best_over_time"
         args.metric_for_best_model, args.greater_is_better = f"{split}_{metric}", greater
     plan = Plan(status, task, collator, data, evals, model, trainable, selection, metric, greater,
-                rh.flat_config(model_args, data_args, adapter_config, run_args, args))
+                flat_config(model_args, data_args, adapter_config, run_args, args))
     plan.selection_split = None if selection == "final" else split
     if status == "resume":  # the settings a resumed run must share, where it resumes, and whether that fits
         keys = [k for g in (model_args, data_args, adapter_config, run_args) for k in g.__dataclass_fields__
@@ -326,15 +313,16 @@ def run_phase(plan: Plan, run_args: RunArguments, args: BiDoRATrainingArguments,
     """BiDoRA's search or retraining phase (the only phase of the other methods) from step ``offset`` of the run:
     ``(trainer, its evaluations, the selection callback, the Trainer's train metrics, the run's seconds so far)``."""
     out, task, search = Path(args.output_dir), plan.task, name == "search"
-    if not (plan.evals or (search and held_out_fraction(run_args.method, args) > 0)):
+    fraction = held_out_fraction(run_args.method, args, unset_is_upper=False)
+    if not (plan.evals or (search and fraction > 0)):
         phase_args.eval_strategy = IntervalStrategy.NO
     trainer = BiDoRATrainer(model=plan.model, args=phase_args, train_dataset=plan.data["train"],
                             eval_dataset=plan.evals or None, data_collator=plan.collator, retrain=not search,
-                            compute_metrics=lambda p: compute_metrics(task, rh.logits_of(p), p.label_ids))
+                            compute_metrics=lambda p: compute_metrics(task, logits_of(p), p.label_ids))
     if search and trainer.upper_dataset is not None and args.process_index == 0:
         role = ("BiDoRA's magnitudes train on it and the model is selected on it" if run_args.method == "bidora"
                 else "the model is selected on it; --upper_fraction 0 (or --heldout_fraction 0) trains on all of train")
-        print(f"holding out {held_out_fraction(run_args.method, args):.0%} of train ({len(trainer.upper_dataset)} of "
+        print(f"holding out {fraction:.0%} of train ({len(trainer.upper_dataset)} of "
               f"{len(plan.data['train'])} examples) as the heldout split: {role}", flush=True)
     log = rh.CsvLogCallback(out / "log.csv", name, offset)
     selector = None
@@ -441,13 +429,9 @@ def write_outputs(results: dict, train_metrics: dict, plan: Plan, data_args: Dat
                   run_args: RunArguments, out: Path) -> None:
     """``adapter/`` (with a model card), transformers' ``all_results.json`` (the last phase's train metrics and the
     reported evaluations, ``eval_<split>_<metric>``), then ``results.json``: the run's end."""
-    selected, selection = results["selected_step"], results["selection"]
     if loralib.get_adapter_config(plan.model) is not None:
-        sizes = ", ".join(f"{split} {n}" for split, n in results["data_sizes"].items())
-        loralib.save_adapters(
-            plan.model, out / "adapter", metrics={f"{split} at step {selected} (selection: {selection})": values
-                                                  for split, values in results["eval"].items()},
-            training_data=f"{plan.task.name} ({data_args.train_file or 'hub dataset'}), examples per split: {sizes}")
+        save_adapter(plan.model, out / "adapter", results,
+                     f"{plan.task.name} ({data_args.train_file or 'hub dataset'})", "examples")
     evaluations = {f"eval_{split}_{m}": v for split, values in results["eval"].items() for m, v in values.items()}
     all_results = {**train_metrics, "train_samples": results["data_sizes"]["lower"], **evaluations}
     atomic_write_text(out / "all_results.json", json.dumps(all_results, indent=4, sort_keys=True) + "\n")
@@ -460,11 +444,8 @@ def write_outputs(results: dict, train_metrics: dict, plan: Plan, data_args: Dat
 def main(argv: list[str] | None = None) -> int:
     groups = parse_args(argv)
     args = groups[-1]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_flush_denormal(True)  # subnormals from darts' tiny finite differences make CPU kernels ~10x slower
-    if args.device.type == "cpu" and not args.use_cpu:
-        print("note: no GPU found: running on the CPU (fine for tests and the demo, slow for the GLUE settings)",
-              file=sys.stderr, flush=True)
+    start_runtime(args, "note: no GPU found: running on the CPU (fine for tests and the demo, slow for the GLUE "
+                  "settings)", unpin_on_cpu=False)
     try:
         plan = prepare(*groups)
     except (RunError, ValueError, OSError) as err:  # bad data files, no module matched, unreadable model, ...

@@ -1,6 +1,7 @@
 """What ``run_glue.py`` needs around ``loralib.BiDoRATrainer``: the ``--config`` YAML defaults, the output folder and
 checkpoint checks, ``TrainerCallback``s (model selection, weight snapshots, ``log.csv``, the DoRA norm cache) and
-results helpers.
+results helpers. What run_ner.py and run_clm.py use too is in examples/run_common.py (``RunError``, imported here, is
+that module's).
 
 Output folder of one run (docs/CONTRACTS.md): ``results.json``, ``log.csv``, ``run_config.json``, ``adapter/``,
 ``snapshots/``, ``runs/`` (TensorBoard), the Trainer's ``checkpoint-N/`` (BiDoRA's retraining phase:
@@ -12,7 +13,6 @@ to the run too.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import difflib
 import importlib.metadata
 import io
@@ -29,6 +29,7 @@ import torch
 import yaml
 from glue_metrics import predictions_from_outputs
 from glue_tasks import GlueTask
+from run_common import RunError, first_line, logits_of
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, TrainerCallback
@@ -38,11 +39,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 import loralib
 from loralib.checkpoints import CheckpointError, last_complete_checkpoint, validate_checkpoint
 from loralib.files import atomic_write, atomic_write_text
-
-
-class RunError(Exception):
-    """A problem with the user's input or output folder: reported as one ``error:`` line, exit status 1."""
-
 
 # ---- --config YAML: defaults that the command line overrides --------------------------------------------------------
 # Options of the former hand-written runner, with their Trainer names (named in the error for an unknown key / flag).
@@ -296,8 +292,7 @@ def load_pretrained(name: str):
     try:
         config, tokenizer = AutoConfig.from_pretrained(name), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"cannot load model {name!r}: {first}") from None
+        raise RunError(f"cannot load model {name!r}: {first_line(err)}") from None
     # Without its files transformers builds a tokenizer of special tokens only: every text would become [CLS] [SEP].
     files = sorted({"tokenizer.json", *tokenizer.vocab_files_names.values()})
     if path.is_dir() and not any((path / f).is_file() for f in files):
@@ -306,18 +301,6 @@ def load_pretrained(name: str):
     if tokenizer.pad_token is None:
         raise RunError(f"the tokenizer of {name} has no padding token; set one (tokenizer.pad_token) and save it")
     return config, tokenizer
-
-
-def position_limit(config) -> int | None:
-    """Tokens the model's absolute position embeddings can read (None: relative / rotary positions, no limit)."""
-    if getattr(config, "position_embedding_type", "absolute") != "absolute" or \
-            getattr(config, "position_biased_input", True) is False or not hasattr(config, "max_position_embeddings"):
-        return None
-    offset = 0  # RoBERTa-style embeddings number positions from padding_idx + 1
-    if config.model_type in ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
-                             "mpnet", "esm", "ibert") and config.pad_token_id is not None:
-        offset = config.pad_token_id + 1
-    return config.max_position_embeddings - offset
 
 
 # ---- callbacks ------------------------------------------------------------------------------------------------------
@@ -475,15 +458,9 @@ def metrics_at(history: list[dict], step: int, metrics: tuple[str, ...]) -> dict
     return {row["split"]: {m: row[m] for m in metrics if m in row} for row in history if row["step"] == step}
 
 
-def flat_config(*groups) -> dict:
-    """The options of every argument dataclass in one flat JSON-safe dict (run_config.json, results' config)."""
-    out = {}
-    for group in groups:
-        out.update(group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group))
-    return json.loads(json.dumps(out, default=str))
-
-
 def versions() -> dict[str, str]:
+    """``{"python", "torch", "transformers", "betty", "loralib"}``: the versions results.json records (the modules'
+    own ``__version__``; raises ``importlib.metadata.PackageNotFoundError`` without betty-ml, which loralib needs)."""
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -494,10 +471,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-
-
-def logits_of(prediction):
-    return prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
 
 
 def write_predictions(trainer, data: dict, task: GlueTask, out: Path, main: bool) -> None:
