@@ -112,22 +112,21 @@ PADDED_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "da
                     "esm", "ibert")
 
 
-def position_limit(config, padded_positions: Collection[str] = PADDED_POSITIONS,
-                   biased_input: bool = True) -> int | None:
+def position_limit(config) -> int | None:
     """Tokens an encoder's absolute position embeddings can read.
 
     Returns:
-        ``max_position_embeddings``, less ``pad_token_id + 1`` for the model types of ``padded_positions``; None (no
-        limit) for a config without ``max_position_embeddings`` or with relative / rotary positions
-        (``position_embedding_type`` other than absolute; with ``biased_input`` also DeBERTa's
-        ``position_biased_input: false``).
+        ``max_position_embeddings``, less ``pad_token_id + 1`` for the model types of ``PADDED_POSITIONS`` (they
+        number positions from ``pad_token_id + 1``: roberta-base reads 512 of its 514); None (no limit) for a config
+        without ``max_position_embeddings`` or with relative positions (``position_embedding_type`` other than
+        absolute, DeBERTa's ``position_biased_input: false``).
     """
     if getattr(config, "position_embedding_type", "absolute") != "absolute" or \
-            (biased_input and getattr(config, "position_biased_input", True) is False) or \
+            getattr(config, "position_biased_input", True) is False or \
             not hasattr(config, "max_position_embeddings"):
         return None
     offset = 0
-    if config.model_type in padded_positions and config.pad_token_id is not None:
+    if config.model_type in PADDED_POSITIONS and config.pad_token_id is not None:
         offset = config.pad_token_id + 1
     return config.max_position_embeddings - offset
 

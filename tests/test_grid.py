@@ -1,4 +1,5 @@
-"""examples/grid.py: the per-method flags of every example and the method × seed runner (with a stand-in runner)."""
+"""The examples' shared modules: examples/grid.py (per-method flags, the method × seed runner, with a stand-in runner)
+and examples/run_common.py (what the training scripts share)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,15 @@ def test_dry_run_prints_commands_on_stdout_and_runs_nothing(tmp_path, runner):
     line, = proc.stdout.splitlines()
     assert line.startswith("[dry run] ") and line.endswith("--learning_rate 2e-5 --x 'a b'")
     assert not (tmp_path / "o").exists()
+
+
+def test_position_limit_of_the_encoders_is_what_their_positions_can_read():
+    """run_glue and run_ner share run_common.position_limit; the references are the published models' limits."""
+    from run_common import position_limit
+    from transformers import BertConfig, DebertaV2Config, MPNetConfig, RobertaConfig
+
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # roberta-base
+    assert position_limit(MPNetConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # all-mpnet-base-v2
+    assert position_limit(BertConfig(max_position_embeddings=512)) == 512
+    assert position_limit(DebertaV2Config(position_biased_input=False)) is None  # relative positions only
+    assert position_limit(BertConfig(position_embedding_type="relative_key")) is None

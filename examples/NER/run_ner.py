@@ -93,9 +93,6 @@ SCRIPT_DEFAULTS = dict(do_train=True, do_eval=True, eval_strategy="epoch", save_
                        modules_to_save=["classifier"])
 #: The packages whose versions results.json records
 VERSIONED = ("torch", "transformers", "datasets", "tokenizers", "seqeval", "loralib-bidora")
-#: This script's model types with RoBERTa's position numbering (run_glue's list, run_common.PADDED_POSITIONS, is
-#: longer); DeBERTa's position_biased_input is not looked at either
-PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")
 
 
 @dataclass
@@ -393,7 +390,7 @@ def run(model_args, data_args, adapter_config, run_args, args) -> dict:
     resume = check_output_dir(out, run_args.overwrite_output_dir, ("predictions_*.txt",))
     tokenizer = load_tokenizer(model_args)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-    limit = position_limit(config, PADDED_POSITIONS, biased_input=False)
+    limit = position_limit(config)
     if limit is not None and data_args.max_seq_length > limit:
         raise RunError(f"--max_seq_length {data_args.max_seq_length} is beyond the {limit} positions "
                        f"{model_args.model_name_or_path} can read; use --max_seq_length {limit} or less")
