@@ -21,7 +21,10 @@ Protocols (the per-method flags; ``method_flags``):
   split (the runner's ``--upper_fraction``); BiDoRA retrains when ``--retrain-steps`` is given.
 
 Finished runs (a ``results.json`` in the run's folder): ``--finished skip`` (default) leaves them, ``redo`` passes
-``--overwrite_output_dir``, ``refuse`` passes nothing (the runner refuses them). An unfinished run resumes from its
+``--overwrite_output_dir``, ``refuse`` passes nothing (the runner refuses them). The grid records each run's
+settings (runner and flags) in ``<run folder>.grid.json`` when it starts it; a finished run whose recorded settings
+differ from the ones asked for now is not skipped silently: the grid stops, naming the run and the flags that
+differ, before running anything. An unfinished run resumes from its
 checkpoints (the runners do that). ``--jobs N`` runs N processes at a time with ``OMP_NUM_THREADS=--threads`` each,
 every run's output in ``<run folder>.log``. Exit status: 0 all runs finished; 1 a run failed (the grid stops at the
 first failure with ``--jobs 1``; with more jobs, the running ones finish first); 2 bad command line; 130 interrupted.
@@ -30,8 +33,10 @@ first failure with ``--jobs 1``; with more jobs, the running ones finish first);
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +44,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from loralib.files import atomic_write_text
 
 __all__ = ["ALL_OF_TRAIN", "METHODS", "PROTOCOLS", "ProcessResult", "Run", "method_flags", "plan_grid",
            "run_grid", "run_process", "main"]
@@ -165,6 +172,33 @@ def _finished(run: Run) -> bool:
     return (run.out / "results.json").is_file()
 
 
+def _record(run: Run) -> Path:
+    """Where the grid records the settings a run was started with: beside its folder (the runners refuse folders
+    holding files they did not write)."""
+    return run.out.parent / f"{run.out.name}.grid.json"
+
+
+def _settings(run: Run, runner: str | Path, common: Sequence[str]) -> list[str]:
+    """What makes a run's result: the runner's name and every flag (not the interpreter, not an overwrite)."""
+    return [Path(runner).name, *(a for a in run.command([], runner, common)[1:] if a != "--overwrite_output_dir")]
+
+
+def stale_finished_runs(runs: Sequence[Run], runner: str | Path, common: Sequence[str]) -> list[str]:
+    """Sentences naming each finished run whose recorded settings differ from what it would be run with now."""
+    problems = []
+    for run in runs:
+        record = _record(run)
+        if not (_finished(run) and record.is_file()):
+            continue
+        before, now = json.loads(record.read_text())["settings"], _settings(run, runner, common)
+        if before != now:
+            gone = [a for a in before if a not in now]
+            new = [a for a in now if a not in before]
+            problems.append(f"{run.name}: the finished run in {run.out} was made with other settings ({record}): "
+                            f"then {shlex.join(gone) or '(nothing else)'}, now {shlex.join(new) or '(nothing else)'}")
+    return problems
+
+
 def run_grid(runs: Sequence[Run], runner: str | Path, common: Sequence[str], *, python: Sequence[str] = (),
              finished: str = "skip", jobs: int = 1, threads: int | None = None, dry_run: bool = False,
              env: dict | None = None, log=print) -> int:
@@ -175,10 +209,18 @@ def run_grid(runs: Sequence[Run], runner: str | Path, common: Sequence[str], *, 
         env["OMP_NUM_THREADS"] = str(threads)
     if "--overwrite_output_dir" in common:  # asked of the runner directly: nothing finished is skipped
         finished = "redo"
+    if finished == "skip":  # a finished run is kept only if it was made with the settings asked for now
+        stale = stale_finished_runs(runs, runner, common)
+        if stale:
+            log("error: " + "\n  ".join(["finished runs would be kept although their settings differ:", *stale])
+                + "\n(OVERWRITE=1 in the scripts, --finished redo here, redoes them; or choose another output folder)")
+            return 1
     todo = []
     for run in runs:
         if _finished(run) and finished == "skip":
-            log(f"skip {run.name}: {run.out / 'results.json'} exists (OVERWRITE=1 / --finished redo to redo)")
+            unrecorded = "" if _record(run).is_file() else " (started before grid.py recorded settings: not compared)"
+            log(f"skip {run.name}: {run.out / 'results.json'} exists{unrecorded} (OVERWRITE=1 / --finished redo "
+                "to redo)")
             continue
         todo.append(run)
     redo = ["--overwrite_output_dir"] if finished == "redo" and "--overwrite_output_dir" not in common else []
@@ -187,6 +229,9 @@ def run_grid(runs: Sequence[Run], runner: str | Path, common: Sequence[str], *, 
         for _, cmd in commands:
             print("[dry run] " + shlex.join(cmd), flush=True)
         return 0
+    for run, _ in commands:
+        run.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_record(run), json.dumps({"settings": _settings(run, runner, [*common, *redo])}, indent=1))
     if jobs <= 1:
         for run, cmd in commands:
             log(f"-- {run.name}")
@@ -247,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="space- or comma-separated: ft lora dora bidora (default: the "
                    "config's method, one per seed)")
     p.add_argument("--seeds", default="0", help="space- or comma-separated seeds (default 0)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="all-of-train")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="all-of-train",
+                   help="all-of-train: baselines on all of train, final model; held-out: every method selected on "
+                   "the held-out split (default all-of-train; see below)")
     p.add_argument("--steps", type=int, default=None, help="--max_steps of every run (default: the config's)")
     p.add_argument("--search-steps", type=int, default=None, help="BiDoRA's bi-level steps (default: --steps)")
     p.add_argument("--retrain-steps", type=int, default=None, help="BiDoRA's retraining steps (default: the "
@@ -260,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished", choices=("skip", "redo", "refuse"), default="skip",
                    help="what to do with a run that has results.json (default skip)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherited)")
     p.add_argument("--python", default=None, help="interpreter command (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.epilog = (p.epilog or "") + "\nEverything after a lone -- goes to every run (last, so it overrides)."
@@ -276,9 +323,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args, common = build_parser().parse_args(argv[:cut]), argv[cut + 1:]
     try:
-        seeds = [int(s) for s in _words(args.seeds, "--seeds")]
+        words = _words(args.seeds, "--seeds")
+        if not all(w.lstrip("-").isdigit() for w in words):
+            raise ValueError(f"--seeds takes whole numbers, got {args.seeds!r}")
+        seeds = [int(w) for w in words]
         methods = _words(args.methods, "--methods") if args.methods is not None else None
         once = args.once.replace(",", " ").split()
+        if once and not set(once) <= set(methods or []):
+            raise ValueError(f"--once {' '.join(once)}: every such method must also be in --methods")
+        for name in ("steps", "search_steps", "retrain_steps", "threads"):
+            if getattr(args, name) is not None and getattr(args, name) < (0 if name == "retrain_steps" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        reserved = {"--seed", "--output_dir"} | ({"--method"} if methods else set())
+        clash = sorted(reserved & {a.split("=")[0] for a in common})
+        if clash:
+            raise ValueError(f"{', '.join(clash)} after -- would override every run's own value: use --seeds / --out"
+                             f"{' / --methods' if methods else ''} instead")
         known = [m for m in (methods or []) if m not in once]
         for m in known:
             method_flags(m, args.protocol)  # validates
@@ -299,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _stop)
     python = shlex.split(args.python) if args.python else [sys.executable]
+    if shutil.which(python[0]) is None:
+        print(f"error: --python {args.python!r}: no such interpreter", file=sys.stderr)
+        return 2
     try:
         return run_grid(runs, args.runner, common, python=python, finished=args.finished, jobs=args.jobs,
                         threads=args.threads, dry_run=args.dry_run, log=lambda m: print(m, file=sys.stderr,

@@ -157,3 +157,35 @@ def test_position_limit_of_the_encoders_is_what_their_positions_can_read():
     assert position_limit(BertConfig(max_position_embeddings=512)) == 512
     assert position_limit(DebertaV2Config(position_biased_input=False)) is None  # relative positions only
     assert position_limit(BertConfig(position_embedding_type="relative_key")) is None
+
+
+def test_a_finished_run_made_with_other_settings_is_not_skipped_silently(tmp_path, runner, capsys):
+    out = tmp_path / "out"
+    base = [str(runner), "--out", str(out), "--methods", "lora", "--seeds", "0 1", "--steps", "4"]
+    assert grid.main(base) == 0
+    assert json.loads((out / "lora" / "seed0.grid.json").read_text())["settings"][0] == runner.name
+    capsys.readouterr()
+    # the same settings: skipped; other steps or other flags after --: the grid stops before running anything
+    assert grid.main(base) == 0 and "skip lora seed 0" in capsys.readouterr().err
+    for other in ([*base[:-1], "6"], [*base, "--", "--learning_rate", "1e-4"]):
+        assert grid.main(other) == 1
+        err = capsys.readouterr().err
+        assert "lora seed 0: the finished run" in err and "other settings" in err and "OVERWRITE=1" in err
+        assert len(calls(out / "lora" / "seed0")) == 1 and len(calls(out / "lora" / "seed1")) == 1
+    assert grid.main([*base[:-1], "6", "--finished", "redo"]) == 0  # redone, and recorded with the new settings
+    assert grid.main([*base[:-1], "6"]) == 0 and len(calls(out / "lora" / "seed0")) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "a b"], "--seeds takes whole numbers"),
+    (["--methods", "lora", "--once", "base"], "--once base: every such method must also be in --methods"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--methods", "lora", "--", "--seed", "7"], "--seed after -- would override every run's own value"),
+    (["--", "--output_dir=/tmp/x"], "--output_dir after -- would override"),
+    (["--python", "no-such-python-here"], "no such interpreter"),
+])
+def test_bad_grid_commands_are_one_sentence_and_status_2(tmp_path, runner, capsys, argv, message):
+    cut = argv.index("--") if "--" in argv else len(argv)
+    assert grid.main([str(runner), "--out", str(tmp_path / "o"), *argv[:cut], *argv[cut:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -33,7 +33,7 @@
 # (float32 | bfloat16 | auto), SPLIT_SEED (0), MODEL_DIR (default
 # <repo>/runs/nlg/smollm2-135m-instruct, built on first use), OUTPUT_ROOT (default <repo>/runs/nlg), PYTHON (see
 # examples/python.sh). Extra arguments go to run_clm.py and override the settings. An unfinished run is resumed by the
-# same command; a finished one is skipped (delete its folder to redo it). Each run logs to <run folder>.log.
+# same command; a finished one is skipped (delete its folder to redo it). With JOBS > 1 each run logs to <run folder>.log.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -86,7 +86,8 @@ echo "== SmolLM2-135M-Instruct on Rotten Tomatoes instructions, methods: $METHOD
 echo "   OUR settings, not tuned: lr $LR, $MAX_STEPS steps of batch 8, r 8 alpha 16 q/v, base $BASE_DTYPE"
 echo "   $JOBS run(s) at a time, $THREADS thread(s) each; outputs: $OUT/<method>/seed<N>"
 # The three BiDoRA runs first, so that the JOBS slots end together; "base" (the pretrained model, evaluated) runs once,
-# on the first seed's held-out split. A finished run (results.json) is skipped; each run logs to <run folder>.log.
+# on the first seed's held-out split. A finished run (results.json) is skipped; with JOBS > 1 each run logs to
+# <run folder>.log (with JOBS=1 to the terminal).
 methods="bidora"
 for m in $METHODS; do [[ "$m" == bidora ]] || methods+=" $m"; done
 [[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"

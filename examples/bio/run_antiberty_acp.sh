@@ -6,6 +6,8 @@
 #   bash examples/bio/run_antiberty_acp.sh               # all seeds (~15 min on 2 idle CPU cores; see the README)
 #   SEEDS=0 OUT_ROOT=/tmp/acp bash examples/bio/run_antiberty_acp.sh
 #
+# Extra arguments go to every run_glue.py run (last: they override the settings). A finished run is skipped, unless
+# its recorded settings differ (then the script stops and says so) or OVERWRITE=1.
 # Environment: SEEDS, METHODS (default "lora dora bidora"; ft allowed), OUT_ROOT (default runs/antiberty_acp),
 # DATA_SEED (the train/test split, default 0, fixed across training seeds), FIGURE (default OUT_ROOT/comparison.png),
 # OVERWRITE=1 (redo finished runs; otherwise they are kept and skipped), PYTHON, and the schedule below.
@@ -59,7 +61,7 @@ grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train
 [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
 "${PY[@]}" examples/grid.py examples/NLU/run_glue.py "${grid[@]}" --python "${PY[*]}" -- --config "$CONFIG" \
   --model_name_or_path "$OUT/model" --train_file "$OUT/data/train.csv" --test_file "$OUT/data/test.csv" \
-  --eval_steps "$EVAL_EVERY"
+  --eval_steps "$EVAL_EVERY" "$@"
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
 "${PY[@]}" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \

@@ -13,6 +13,8 @@
 # TRAIN_SIZE / TEST_SIZE (default 2000 / 1000), OUTPUT_ROOT (default runs/demo), PYTHON (default .venv/bin/python
 # when it exists, else python3), FIGURE (default OUTPUT_ROOT/<task>/summary.png).
 #
+# Every call runs every (method, seed) again from scratch (--finished redo: the demo's runs are minutes, and a
+# changed ITERATIONS / TRAIN_SIZE must never be mixed with older runs); keep runs apart with OUTPUT_ROOT.
 # Output: everything goes under OUTPUT_ROOT/<task>/ -- the runs, summary.md, summary.json and the figure
 # (utils/report.py). The README's figure and table under assets/ are never touched by a run; refreshing them is
 # explicit: `make assets` copies runs/demo/rotten_tomatoes/summary.{png,json} to assets/demo_rotten_tomatoes.*.
