@@ -39,6 +39,14 @@ def first_line(err: BaseException) -> str:
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------
+class ScriptParser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are one sentence: argparse prints the whole usage first, which for these
+    scripts (every TrainingArguments option) is about 180 lines above the one line that says what is wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+
+
 def script_parser(dataclass_types: Sequence[type], description: str, defaults: Mapping[str, object],
                   methods: Sequence[str], method_help: str, helps: Mapping[str, str] | None = None) -> HfArgumentParser:
     """``HfArgumentParser`` over ``dataclass_types`` as the scripts set it up: no abbreviated options, the script's
@@ -48,7 +56,7 @@ def script_parser(dataclass_types: Sequence[type], description: str, defaults: M
     Returns:
         The parser (its ``dataclass_types`` in the order given).
     """
-    parser = HfArgumentParser(tuple(dataclass_types), allow_abbrev=False, description=description)
+    parser = ScriptParser(tuple(dataclass_types), allow_abbrev=False, description=description)
     parser.set_defaults(**defaults)
     for action in parser._actions:
         if action.dest == "output_dir":

@@ -189,3 +189,15 @@ def test_bad_grid_commands_are_one_sentence_and_status_2(tmp_path, runner, capsy
     assert grid.main([str(runner), "--out", str(tmp_path / "o"), *argv[:cut], *argv[cut:]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_the_training_scripts_bad_flag_is_one_line(capsys):
+    """run_glue, run_ner and run_clm parse through run_common.script_parser: an unknown option is one sentence, not
+    argparse's usage of every TrainingArguments option above it."""
+    import run_ner
+
+    with pytest.raises(SystemExit) as stop:
+        run_ner.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--no_such_flag"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.endswith(": error: unrecognized arguments: --no_such_flag (--help lists every option)\n")
