@@ -163,8 +163,7 @@ def run_process(cmd: Sequence[str], *, stdout=None, env: dict | None = None, cwd
         proc.terminate()
         proc.wait()
         raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return ProcessResult(proc.returncode, time.monotonic() - t0, usage.ru_utime + usage.ru_stime,
+    return ProcessResult(os.waitstatus_to_exitcode(status), time.monotonic() - t0, usage.ru_utime + usage.ru_stime,
                          usage.ru_maxrss * 1024)
 
 
@@ -231,7 +230,7 @@ def run_grid(runs: Sequence[Run], runner: str | Path, common: Sequence[str], *, 
         return 0
     for run, _ in commands:
         run.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_record(run), json.dumps({"settings": _settings(run, runner, [*common, *redo])}, indent=1))
+        atomic_write_text(_record(run), json.dumps({"settings": _settings(run, runner, common)}, indent=1))
     if jobs <= 1:
         for run, cmd in commands:
             log(f"-- {run.name}")
@@ -248,8 +247,7 @@ def _run_parallel(commands, jobs: int, env: dict, log) -> int:
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
-                run, cmd = waiting.pop(0)
-                run.out.parent.mkdir(parents=True, exist_ok=True)
+                run, cmd = waiting.pop(0)  # (its folder's parent exists: run_grid wrote its record there)
                 logfile = open(run.out.parent / f"{run.out.name}.log", "a")  # noqa: SIM115 (closed when it ends)
                 logfile.write(f"$ {shlex.join(cmd)}\n")
                 logfile.flush()
