@@ -201,3 +201,30 @@ def test_the_training_scripts_bad_flag_is_one_line(capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
     assert err.endswith(": error: unrecognized arguments: --no_such_flag (--help lists every option)\n")
+
+
+@pytest.mark.parametrize("recorded, removed", [({"keep_checkpoints": False}, True), ({"keep_checkpoints": True}, False),
+                                               (None, False)])
+def test_a_finished_run_whose_cleanup_a_kill_interrupted_is_cleaned_then_refused(tmp_path, recorded, removed):
+    """run_ner / run_clm (check_output_dir) and run_glue (run_helpers.inspect_output_dir, with its own leftovers):
+    the leftovers go only when the run's run_config.json says it did not keep its checkpoints."""
+    import run_helpers
+    from run_common import RunError, check_output_dir
+
+    for script, leftovers in (("ner", ["checkpoint-4", "checkpoint-2"]),
+                              ("glue", ["checkpoint-3", "retrain", "search_adapter", "search_state.json"])):
+        out = tmp_path / script
+        (out / "adapter").mkdir(parents=True)
+        for name in leftovers:
+            (out / name).mkdir() if "." not in name else (out / name).write_text("{}")
+            if "." not in name:
+                (out / name / "trainer_state.json").write_text("{}")
+        (out / "results.json").write_text("{}")
+        if recorded is not None:
+            (out / "run_config.json").write_text(json.dumps(recorded))
+        with pytest.raises(RunError, match="already holds a finished run") as err:
+            check_output_dir(out, False) if script == "ner" else run_helpers.inspect_output_dir(out, False)
+        assert ("clean-up had been interrupted" in str(err.value)) == removed
+        left = sorted(p.name for p in out.iterdir())
+        kept = ["adapter", "results.json"] + (["run_config.json"] if recorded is not None else [])
+        assert left == sorted(kept if removed else kept + leftovers)

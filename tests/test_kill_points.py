@@ -42,8 +42,6 @@ HISTORY_RUN_TIME_FIELDS = ("runtime",)
 #: all_results.json (transformers' train_runtime / samples per second, and train_loss: the mean over the steps the
 #: last train() call ran, i.e. over the resumed steps only, nan when it resumed at max_steps).
 NOT_COMPARED = ("log.csv", "all_results.json")
-#: what a finished run's cleanup removes (for resuming only): a kill during the cleanup leaves some of it
-LEFTOVERS = (r"checkpoint-\d+", "retrain", "search_adapter", r"search_state\.json")
 TMP = re.compile(r"^\..+\.tmp$")  # loralib.files.atomic_write's temporary files, which a kill leaves
 
 # The run: BiDoRA (darts) on the tiny RoBERTa and tiny SST-2 of tests/helpers.py. Search: 3 steps, a checkpoint
@@ -65,7 +63,7 @@ class Moment:
     ``check(run)`` says what is wrong with the folder the kill left (None: as intended), so that a kill point that
     moved in the code shows up; ``resumes``: the checkpoint the same command must resume from (None: the run's
     start, or the retraining phase's once search_state.json is written); ``finished``: the kill comes after
-    results.json, so the same command refuses the finished run (exit status 1) and leaves it as it is."""
+    results.json, so the same command refuses the finished run (exit status 1) after completing its clean-up."""
 
     name: str
     config: str
@@ -339,9 +337,9 @@ def timeless(results: dict) -> dict:
     return kept
 
 
-def differences(run: Path, reference: Path, leftovers: tuple[str, ...] = ()) -> list[str]:
+def differences(run: Path, reference: Path) -> list[str]:
     """What differs between the resumed run's folder and the uninterrupted one's: the files of each (but for the
-    atomic writer's temporary files, and files under the top-level ``leftovers``), safetensors tensor by tensor
+    atomic writer's temporary files), safetensors tensor by tensor
     (bitwise) and metadata, results.json but for the run-time fields, every other file byte for byte but for
     :data:`NOT_COMPARED`."""
     from safetensors import safe_open
@@ -350,8 +348,7 @@ def differences(run: Path, reference: Path, leftovers: tuple[str, ...] = ()) -> 
         return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not TMP.match(p.name)}
 
     found, expected = files(run), files(reference)
-    extra = {f for f in found - expected if not any(re.fullmatch(pattern, f.split("/")[0]) for pattern in leftovers)}
-    problems = [f"{f}: not in the uninterrupted run" for f in sorted(extra)]
+    problems = [f"{f}: not in the uninterrupted run" for f in sorted(found - expected)]
     problems += [f"{f}: missing" for f in sorted(expected - found)]
     for name in sorted(found & expected):
         a, b = run / name, reference / name
@@ -427,11 +424,13 @@ def judge(moment: Moment, argv: list[str], run: Path, reference: Path, logs: Pat
         problems.append(wrong)
     left = names(run)
     resumed = run_forked(argv, resumed_log)
-    if moment.finished:  # a finished run: the same command refuses it, and it is the uninterrupted run's
-        if resumed != 1 or "already holds a finished run" not in resumed_log.read_text(errors="replace"):
-            problems.append(f"the same command ended with {resumed}, not a refusal of the finished run:\n"
-                            f"{tail(resumed_log)}")
-        problems += differences(run, reference, LEFTOVERS)
+    if moment.finished:  # a finished run: the same command completes the clean-up the kill stopped, then refuses it
+        said = resumed_log.read_text(errors="replace")
+        if (resumed != 1 or "already holds a finished run" not in said
+                or "its clean-up had been interrupted" not in said):
+            problems.append(f"the same command ended with {resumed}, not a refusal of the finished run that "
+                            f"completes its clean-up:\n{tail(resumed_log)}")
+        problems += differences(run, reference)
     elif resumed != 0:
         problems.append(f"the same command ended with {resumed}:\n{tail(resumed_log)}")
     else:

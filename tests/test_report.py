@@ -699,6 +699,45 @@ def test_estimator_arms_and_datasets_are_the_plans():
     assert all(sorted(a.name for a in arms) == sorted(ec.ARMS) for _, _, arms in plan.ESTIMATOR_COMPARISON)
 
 
+def test_estimator_magnitude_shift_is_recorded_beside_the_cell_and_read_back_without_the_run(tmp_path):
+    """The shift computed from a run's adapter (checked against its float64 definition) is written to the cell's
+    results folder; once the run folder is gone, the report reads the same number from there."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import loralib
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(base)
+    model = BertModel.from_pretrained(base)
+    loralib.apply_adapters(model, loralib.AdapterConfig(method="dora", r=2, lora_alpha=4,
+                                                        target_modules=["query", "value"]))
+    layers = [layer for _, layer in loralib.adapter_layers(model)]
+    with torch.no_grad():
+        layers[1].magnitude.mul_(1.25)
+    m0 = [layer.base_weight().double().norm(dim=1) for layer in layers]
+    expected = 0.25 * m0[1].norm().item() / math.sqrt(sum(v.square().sum().item() for v in m0))
+    est, runs = tmp_path / "estimators", tmp_path / "runs"
+    write_cell(est, "rt", "dora", 0, 0.5)
+    run = runs / "rt-n200" / "dora" / "seed0"
+    loralib.save_adapters(model, run / "adapter")
+    (run / "run_config.json").write_text(json.dumps({"model_name_or_path": str(base)}))
+    point = next(p for p in results.load_study(est).points if p.row == "dora")
+    record = est / "cpu" / "rt-n200" / "dora" / "seed0" / "magnitude_shift.json"
+    assert not record.exists()
+    assert study_report._shift(est, runs, point) == pytest.approx(expected, rel=1e-6)
+    assert json.loads(record.read_text())["magnitude_shift"] == pytest.approx(expected, rel=1e-6)
+    import shutil
+
+    shutil.rmtree(runs)
+    assert study_report._shift(est, runs, point) == pytest.approx(expected, rel=1e-6)
+    assert study_report._shift(est, None, point) == pytest.approx(expected, rel=1e-6)
+    record.write_text("{")  # a broken record is n/a with a warning, not a traceback
+    assert study_report._shift(est, runs, point) is None
+
+
 def test_study_report_writes_the_estimator_comparison(tmp_path):
     study, est = tmp_path / "study", tmp_path / "estimators"
     for arm in ec.ARMS:

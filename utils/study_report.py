@@ -14,7 +14,9 @@ or resumed are left out of the medians), failed and open cells. Devices are neve
 
 ``--estimators DIR`` (e.g. results/estimators; left out, with a note, when DIR does not exist) adds the
 hypergradient-estimator comparison, ``estimators.md`` and ``estimators.json`` in the output folder; its magnitude
-shifts need the cells' adapters under ``--estimator-runs`` (default runs/estimators/runs), n/a without them.
+shifts come from the cells' adapters under ``--estimator-runs`` (default runs/estimators/runs). Each shift computed
+from an adapter is also written to the cell's results folder as ``magnitude_shift.json`` (small, committed, so the
+number survives the run folder, which is not); a cell whose adapter is gone is read from that file, n/a without it.
 """
 
 from __future__ import annotations
@@ -70,23 +72,45 @@ def build_report(results: str | Path) -> tuple[str, dict, StudyResults, list[dic
 
 def build_estimator_report(results: str | Path, runs: str | Path | None = None) -> tuple[str, dict]:
     """The estimator comparison of the cells under ``results`` as markdown and JSON; magnitude shifts from the
-    adapters under ``runs`` (``<runs>/<dataset>-n<N>/<arm>/seed<k>/adapter``; n/a without them)."""
+    adapters under ``runs`` (``<runs>/<dataset>-n<N>/<arm>/seed<k>/adapter``), recorded in and otherwise read from
+    ``<results>/<device>/<dataset>-n<N>/<arm>/seed<k>/magnitude_shift.json`` (n/a without either)."""
     study = load_study(results)
-    comparisons = compare(study.points, lambda p: _shift(Path(runs), p) if runs is not None else None)
+    comparisons = compare(study.points, lambda p: _shift(Path(results), None if runs is None else Path(runs), p))
     rule = verdicts(comparisons)
     return (estimator_markdown(comparisons, rule, study.failed), estimator_json(comparisons, rule, study.failed))
 
 
-def _shift(runs: Path, point: Point) -> float | None:
-    cell = runs / f"{point.dataset}-n{point.size}" / point.row / f"seed{point.seed}"
-    if not (cell / "adapter").is_dir():
-        return None
-    from utils.magnitudes import cell_magnitude_shift  # torch and transformers: only when there is an adapter
+SHIFT_FILE = "magnitude_shift.json"
 
+
+def _shift(results: Path, runs: Path | None, point: Point) -> float | None:
+    """The cell's relative magnitude shift (utils/magnitudes.py): computed from its adapter when the run folder is
+    there (and recorded beside the cell's results), else the recorded value, else None."""
+    name = Path(f"{point.dataset}-n{point.size}") / point.row / f"seed{point.seed}"
+    record = results / point.device / name / SHIFT_FILE
+    cell = None if runs is None else runs / name
+    if cell is not None and (cell / "adapter").is_dir():
+        from utils.magnitudes import cell_magnitude_shift  # torch and transformers: only when there is an adapter
+
+        try:
+            value = cell_magnitude_shift(cell)[1]
+        except (ValueError, OSError) as err:
+            print(f"warning: magnitude shift of {cell}: {err}", file=sys.stderr)
+        else:
+            if record.parent.is_dir() and _recorded_shift(record, quiet=True) != value:
+                atomic_write_text(record, json.dumps({"magnitude_shift": value, "from": "the cell's adapter"}) + "\n")
+            return value
+    return _recorded_shift(record)
+
+
+def _recorded_shift(record: Path, quiet: bool = False) -> float | None:
+    if not record.is_file():
+        return None
     try:
-        return cell_magnitude_shift(cell)[1]
-    except (ValueError, OSError) as err:
-        print(f"warning: magnitude shift of {cell}: {err}", file=sys.stderr)
+        return float(json.loads(record.read_text())["magnitude_shift"])
+    except (ValueError, KeyError, TypeError) as err:
+        if not quiet:
+            print(f"warning: {record} is not a magnitude-shift record ({err}); shift n/a", file=sys.stderr)
         return None
 
 

@@ -437,7 +437,7 @@ def write_outputs(results: dict, train_metrics: dict, plan: Plan, data_args: Dat
     atomic_write_text(out / "all_results.json", json.dumps(all_results, indent=4, sort_keys=True) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     if not run_args.keep_checkpoints:
-        for path in [*out.glob("checkpoint-*"), out / "retrain", out / "search_adapter", out / "search_state.json"]:
+        for path in sorted({path for pattern in rh.FINAL_CLEANUP for path in out.glob(pattern)}):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 from glue_metrics import predictions_from_outputs
 from glue_tasks import GlueTask
-from run_common import RunError, first_line, logits_of
+from run_common import RunError, finished_run_message, first_line, logits_of
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, TrainerCallback
@@ -173,8 +173,14 @@ def is_run_file(name: str) -> bool:
             or name.startswith("predict_results_"))
 
 
+#: what a finished run's final clean-up removes (glob patterns under the output folder): the resume state
+FINAL_CLEANUP = ("checkpoint-*", "retrain", "search_adapter", "search_state.json")
+
+
 def inspect_output_dir(out: Path, overwrite: bool) -> str:
-    """``"new"``, ``"resume"`` (an unfinished run of this script) or ``"overwrite"``; reads only, writes nothing.
+    """``"new"``, ``"resume"`` (an unfinished run of this script) or ``"overwrite"``; reads only, writes nothing,
+    except that a finished run whose final clean-up a kill interrupted has that clean-up completed before the refusal
+    (:func:`run_common.finished_run_message`).
 
     Raises:
         RunError: ``out`` is a file, holds files this script does not write, or holds a finished run (results.json)
@@ -192,8 +198,7 @@ def inspect_output_dir(out: Path, overwrite: bool) -> str:
     if overwrite:
         return "overwrite"
     if "results.json" in names:
-        raise RunError(f"{out} already holds a finished run (results.json); pass --overwrite_output_dir to "
-                       "replace it")
+        raise RunError(finished_run_message(out, FINAL_CLEANUP))
     return "resume"
 
 
