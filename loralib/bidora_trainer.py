@@ -21,7 +21,10 @@ Trainer``), shared with :class:`loralib.AdapterTrainer`.
 
 The upper loss and every lower-loss evaluation inside a hypergradient are the user's training loss:
 ``self.compute_loss`` (a subclass's override, ``compute_loss_func``, label smoothing), called on a copy of the batch,
-without the lower penalty where it does not belong, with the trainer's recorded state left as it was.
+without the lower penalty where it does not belong, with the trainer's recorded state left as it was. With
+``torch_compile`` the Trainer's compiled wrapper runs the lower step and the upper step runs the same parameters
+through the uncompiled module (``self.model``; AOTAutograd has no double backward, which the second-order
+hypergradients need); with dynamo's ``eager`` backend a run equals the uncompiled one bitwise (tested).
 """
 
 from __future__ import annotations

@@ -226,6 +226,31 @@ def test_neftune_is_honoured_reproducibly(tmp_path):
     assert not all(torch.equal(v, runs[0][n]) for n, v in snapshot(plain).items())  # the noise is really there
 
 
+def test_torch_compile_is_honoured(tmp_path):
+    """torch_compile=True: the Trainer compiles the model for the lower step; the upper step's loss evaluations run
+    the same parameters through the uncompiled module (AOTAutograd has no double backward, which damped_solve
+    needs). With dynamo's ``eager`` backend (graphs captured, run without a C++ toolchain) each run equals the
+    uncompiled one bitwise, and graphs really were captured (one compilation serves both runs)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for hypergradient in ("darts", "damped_solve"):  # first- and second-order
+        runs = []
+        for kw in ({}, {"torch_compile": True, "torch_compile_backend": "eager"}):
+            model = adapted("bidora")
+            trainer = BiDoRATrainer(model=model, args=args(tmp_path / f"{hypergradient}{len(kw)}", max_steps=2,
+                                                           save_strategy="no", hypergradient=hypergradient, **kw),
+                                    train_dataset=Tokens())
+            trainer.train()
+            assert isinstance(trainer.model_wrapped, OptimizedModule) == bool(kw)
+            runs.append(snapshot(model))
+        assert any(n.endswith("magnitude") for n in changed(runs[0], adapted("bidora")))
+        assert all(torch.equal(v, runs[1][n]) for n, v in runs[0].items())
+    assert counters["stats"]["unique_graphs"] > 0
+
+
 # ---- the hypergradient's own state: saved with a version, reset by a new run -----------------------------------
 def test_estimator_state_is_fresh_for_every_train(tmp_path):
     trainer = BiDoRATrainer(model=adapted("bidora"), args=args(tmp_path, max_steps=3, save_strategy="no",
