@@ -170,7 +170,7 @@ def test_esm_script_dry_run_plans_every_run(assets, tmp_path):
     _, _, files = assets
     train, test = files["cls"]
     env = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "SEEDS": "3 4", "METHODS": "ft bidora", "ESM_SIZE": "8M",
-           "EPOCHS": "2", "OUT_ROOT": str(tmp_path / "out")}
+           "EPOCHS": "2", "OUT_ROOT": str(tmp_path / "out"), "EXTRA_ARGS": "--logging_steps 7"}
     proc = subprocess.run(["bash", str(ROOT / "examples/bio/esm2_650m_bbp.sh"), train, test], env=env,
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -183,3 +183,5 @@ def test_esm_script_dry_run_plans_every_run(assets, tmp_path):
     assert all("--max_steps 4" in r and "--learning_rate 2e-5" in r and "retrain" not in r for r in ft)
     assert all("facebook/esm2_t6_8M_UR50D" in r and "configs/esm2_bbp.yaml" in r for r in runs)
     assert "utils/report.py" in proc.stdout and "ESTIMATE" in proc.stderr
+    assert all(r.endswith("--logging_steps 7") for r in runs) and "overridden by EXTRA_ARGS: --logging_steps 7" in \
+        proc.stderr

@@ -193,6 +193,7 @@ def test_script_loops_over_seeds_from_any_cwd(tmp_path):
         assert words[words.index("--output_dir") + 1] == str(tmp_path / "out" / "roberta_base_rte" / f"seed{seed}")
         assert words[-2:] == ["--max_steps", "5"]
     assert "roberta-base ~500 MB" in r.stdout and "h per seed" in r.stdout
+    assert "overridden on the command line: --max_steps 5" in r.stdout  # the banner's settings are the config's
 
 
 @pytest.mark.parametrize("venv", [True, False])

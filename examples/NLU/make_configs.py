@@ -216,6 +216,7 @@ echo "== {name}: BiDoRA r={cfg['r']}, {cfg['task_name']}, {model}; steps: {steps
 echo "   model download (first run only): {model} {MODELS[model][1]}; data: nyu-mll/glue {cfg['task_name']}"
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~{hours:.1f} h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top); seeds: $SEEDS; outputs: $OUT/seed<N>"
+[[ $# -gt 0 ]] && echo "   these settings are the config's; overridden on the command line: $*"
 grid=(--out "$OUT" --seeds "$SEEDS" --finished skip)
 [[ "${{OVERWRITE:-0}}" == 1 ]] && grid+=(--finished redo)
 [[ "${{DRY_RUN:-0}}" == 1 ]] && grid+=(--dry-run)

@@ -51,6 +51,7 @@ esm2_table4_main() {
   fi
 
   echo "== $TASK_TITLE with ESM-2 $size: LoRA/DoRA/BiDoRA comparison (hyper-parameters are ours: $config)" >&2
+  [[ -n "${EXTRA_ARGS:-}" ]] && echo "   overridden by EXTRA_ARGS: $EXTRA_ARGS" >&2
   local plan
   plan="$("${PY[@]}" "$here/plan.py" --train "$train" --test "$test" "${val_args[@]}" --size "$size" \
           --epochs "$epochs" --max-length "$MAX_LENGTH" --methods "$methods" --seeds "$seeds")"

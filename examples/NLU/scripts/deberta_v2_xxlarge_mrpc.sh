@@ -18,6 +18,7 @@ echo "== deberta_v2_xxlarge_mrpc: BiDoRA r=16, mrpc, microsoft/deberta-v2-xxlarg
 echo "   model download (first run only): microsoft/deberta-v2-xxlarge ~3 GB; data: nyu-mll/glue mrpc"
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~2.9 h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top); seeds: $SEEDS; outputs: $OUT/seed<N>"
+[[ $# -gt 0 ]] && echo "   these settings are the config's; overridden on the command line: $*"
 grid=(--out "$OUT" --seeds "$SEEDS" --finished skip)
 [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
 [[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run)

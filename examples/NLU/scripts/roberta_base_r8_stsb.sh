@@ -18,6 +18,7 @@ echo "== roberta_base_r8_stsb: BiDoRA r=8, stsb, roberta-base; steps: 12000 bi-l
 echo "   model download (first run only): roberta-base ~500 MB; data: nyu-mll/glue stsb"
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~3.9 h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top); seeds: $SEEDS; outputs: $OUT/seed<N>"
+[[ $# -gt 0 ]] && echo "   these settings are the config's; overridden on the command line: $*"
 grid=(--out "$OUT" --seeds "$SEEDS" --finished skip)
 [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
 [[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run)

@@ -18,6 +18,7 @@ echo "== roberta_base_rte: BiDoRA r=4, rte, roberta-base; steps: 15000 bi-level 
 echo "   model download (first run only): roberta-base ~500 MB; data: nyu-mll/glue rte"
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~6.0 h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top); seeds: $SEEDS; outputs: $OUT/seed<N>"
+[[ $# -gt 0 ]] && echo "   these settings are the config's; overridden on the command line: $*"
 grid=(--out "$OUT" --seeds "$SEEDS" --finished skip)
 [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
 [[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run)

@@ -18,6 +18,7 @@ echo "== roberta_large_sst2: BiDoRA r=4, sst2, roberta-large; steps: 20000 bi-le
 echo "   model download (first run only): roberta-large ~1.4 GB; data: nyu-mll/glue sst2"
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~4.9 h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top); seeds: $SEEDS; outputs: $OUT/seed<N>"
+[[ $# -gt 0 ]] && echo "   these settings are the config's; overridden on the command line: $*"
 grid=(--out "$OUT" --seeds "$SEEDS" --finished skip)
 [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
 [[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run)
