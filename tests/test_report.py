@@ -683,6 +683,7 @@ def test_estimator_comparison_pairs_complete_seeds_and_applies_the_rule(tmp_path
     text = ec.estimator_markdown(comparisons, list(rule.values()), [])
     assert "3 of 5 seeds counted (0, 1, 2)" in text and "2 of 5 seeds counted (0, 1)" in text
     assert "2.00% (1.00% – 3.00%)" in text and "n/a" in text
+    assert ec._shift_text([0.01, None, 0.03, 0.04]) == "3.00% (1.00% – 4.00%; 3 of 4 seeds)"  # median of the known
     assert "| sama | 67.19 ± 12.50 (3) | +4.69 [+4.69, +4.69] | +3.12 [+3.12, +3.12] |" in text
     summary = ec.estimator_json(comparisons, list(rule.values()), [])
     assert summary["datasets"][0]["arms"][0]["cpu_per_wall"] == [1.0, 1.8, 1.8]

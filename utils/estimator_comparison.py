@@ -115,9 +115,11 @@ def verdicts(comparisons: list[DatasetComparison]) -> list[dict]:
 
 
 def _shift_text(shifts: list[float | None]) -> str:
-    if not shifts or any(s is None for s in shifts):
+    known = [s for s in shifts if s is not None]
+    if not known:
         return "n/a"
-    return f"{median(shifts):.2%} ({min(shifts):.2%} – {max(shifts):.2%})"
+    part = "" if len(known) == len(shifts) else f"; {len(known)} of {len(shifts)} seeds"
+    return f"{median(known):.2%} ({min(known):.2%} – {max(known):.2%}{part})"
 
 
 def _seconds(x: float | None, star: bool) -> str:
@@ -165,7 +167,8 @@ def estimator_markdown(comparisons: list[DatasetComparison], rule: list[dict], f
     if failed:
         lines += ["", "## Failed cells", ""] + [f"- {f['device']}/{f['cell']}: {f['error']}" for f in failed]
     lines += ["", "Magnitude shift: ‖m − ‖W0‖_row‖ / ‖‖W0‖_row‖ pooled over the adapted layers (utils/magnitudes.py), "
-              "read from each cell's adapter in runs/; n/a where any counted cell's adapter is not there. Wall: the "
+              "from each cell's adapter in runs/ or, once computed, its magnitude_shift.json; over the counted seeds "
+              "that have one (\"k of n seeds\" where some have neither), n/a where none has. Wall: the "
               "cell's process, start to exit; method time: wall minus the test-split evaluations (the study's); "
               "× DoRA: method time over DoRA's. Shared cells: CPU time per wall second below 0.8 × the best on the "
               "host (the study's rule); they are left out of the medians, * = every counted cell shared the "
