@@ -171,6 +171,29 @@ def _finished(run: Run) -> bool:
     return (run.out / "results.json").is_file()
 
 
+#: what the runners' final clean-up removes from a finished run's folder (glob patterns): the resume state
+#: (run_glue: checkpoints, retrain/, search_adapter/, search_state.json; run_ner / run_clm: checkpoints)
+FINAL_CLEANUP = ("checkpoint-*", "retrain", "search_adapter", "search_state.json")
+
+
+def finish_interrupted_cleanup(out: Path, patterns: Sequence[str] = FINAL_CLEANUP) -> list[str]:
+    """Complete the final clean-up of the finished run in ``out`` (``results.json``) that a kill stopped half-way:
+    remove what matches ``patterns``, unless the run's ``run_config.json`` records ``keep_checkpoints`` true (or is
+    missing or unreadable: then nothing is removed). Returns the names removed (empty for an unfinished run)."""
+    if not (out / "results.json").is_file():
+        return []
+    try:
+        keep = json.loads((out / "run_config.json").read_text(encoding="utf-8")).get("keep_checkpoints", True)
+    except (OSError, ValueError, AttributeError):
+        keep = True
+    removed = []
+    if keep is False:
+        for path in sorted({p for pattern in patterns for p in out.glob(pattern)}):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def _record(run: Run) -> Path:
     """Where the grid records the settings a run was started with: beside its folder (the runners refuse folders
     holding files they did not write)."""
@@ -220,6 +243,8 @@ def run_grid(runs: Sequence[Run], runner: str | Path, common: Sequence[str], *, 
             unrecorded = "" if _record(run).is_file() else " (started before grid.py recorded settings: not compared)"
             log(f"skip {run.name}: {run.out / 'results.json'} exists{unrecorded} (OVERWRITE=1 / --finished redo "
                 "to redo)")
+            if not dry_run and (removed := finish_interrupted_cleanup(run.out)):
+                log(f"  its final clean-up had been interrupted: removed {', '.join(removed)}")
             continue
         todo.append(run)
     redo = ["--overwrite_output_dir"] if finished == "redo" and "--overwrite_output_dir" not in common else []

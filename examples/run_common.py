@@ -21,6 +21,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from grid import finish_interrupted_cleanup
 from transformers import HfArgumentParser
 from transformers.training_args import IntervalStrategy
 
@@ -186,23 +187,14 @@ def check_output_dir(out: Path, overwrite: bool, outputs: Iterable[str] = ()) ->
                 path.unlink()
         return False
     if (out / "results.json").exists():
-        raise RunError(finished_run_message(out, ("checkpoint-*",)))
+        raise RunError(finished_run_message(out))
     return bool(checkpoints)
 
 
-def finished_run_message(out: Path, leftovers: Iterable[str]) -> str:
-    """The refusal of a finished run in ``out`` (``results.json``), after completing its clean-up if a kill stopped
-    it half-way: the paths matching the glob patterns ``leftovers`` (checkpoints, ...) go, unless the run's
-    ``run_config.json`` says ``keep_checkpoints`` (or is missing: then nothing is removed). Returns the sentence."""
-    removed = []
-    try:
-        keep = json.loads((out / "run_config.json").read_text(encoding="utf-8")).get("keep_checkpoints", True)
-    except (OSError, ValueError, AttributeError):
-        keep = True
-    if keep is False:
-        for path in sorted({p for pattern in leftovers for p in out.glob(pattern)}):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path.name)
+def finished_run_message(out: Path) -> str:
+    """The refusal of a finished run in ``out`` (``results.json``), after completing its final clean-up if a kill
+    stopped it half-way (:func:`grid.finish_interrupted_cleanup`: not when the run recorded ``keep_checkpoints``)."""
+    removed = finish_interrupted_cleanup(out)
     done = (f" (its clean-up had been interrupted; removed what it leaves behind: {', '.join(removed)})"
             if removed else "")
     return f"{out} already holds a finished run (results.json){done}; pass --overwrite_output_dir to replace it"
@@ -316,7 +308,7 @@ def finish_run(out: Path, results: dict, model, tokenizer, full_model: bool, ada
         save_adapter(model, out / "adapter", results, data, unit)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     if not keep_checkpoints:
-        for path in out.glob("checkpoint-*"):  # finished_run_message completes this after a kill
+        for path in out.glob("checkpoint-*"):  # grid.finish_interrupted_cleanup completes this after a kill
             shutil.rmtree(path)
 
 

@@ -159,6 +159,27 @@ def test_position_limit_of_the_encoders_is_what_their_positions_can_read():
     assert position_limit(BertConfig(position_embedding_type="relative_key")) is None
 
 
+def test_skipping_a_finished_run_completes_its_interrupted_cleanup(tmp_path, runner, capsys):
+    """A kill inside a runner's final clean-up leaves checkpoints beside results.json: the grid's skip removes them
+    (the run recorded keep_checkpoints false), and only them."""
+    out = tmp_path / "out"
+    argv = [str(runner), "--out", str(out), "--methods", "lora", "--seeds", "0"]
+    assert grid.main(argv) == 0
+    run = out / "lora" / "seed0"
+    (run / "run_config.json").write_text(json.dumps({"keep_checkpoints": False}))
+    for name in ("checkpoint-3", "retrain"):
+        (run / name).mkdir()
+    (run / "search_state.json").write_text("{}")
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    assert grid.main([*argv, "--dry-run"]) == 0 and sorted(p.name for p in run.iterdir()) == before  # reads only
+    assert grid.main(argv) == 0
+    assert "clean-up had been interrupted: removed checkpoint-3, retrain, search_state.json" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == sorted(set(before) - {"checkpoint-3", "retrain",
+                                                                          "search_state.json"})
+    assert len(calls(run)) == 1  # skipped, not run again
+
+
 def test_a_finished_run_made_with_other_settings_is_not_skipped_silently(tmp_path, runner, capsys):
     out = tmp_path / "out"
     base = [str(runner), "--out", str(out), "--methods", "lora", "--seeds", "0 1", "--steps", "4"]

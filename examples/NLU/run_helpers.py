@@ -173,10 +173,6 @@ def is_run_file(name: str) -> bool:
             or name.startswith("predict_results_"))
 
 
-#: what a finished run's final clean-up removes (glob patterns under the output folder): the resume state
-FINAL_CLEANUP = ("checkpoint-*", "retrain", "search_adapter", "search_state.json")
-
-
 def inspect_output_dir(out: Path, overwrite: bool) -> str:
     """``"new"``, ``"resume"`` (an unfinished run of this script) or ``"overwrite"``; reads only, writes nothing,
     except that a finished run whose final clean-up a kill interrupted has that clean-up completed before the refusal
@@ -198,7 +194,7 @@ def inspect_output_dir(out: Path, overwrite: bool) -> str:
     if overwrite:
         return "overwrite"
     if "results.json" in names:
-        raise RunError(finished_run_message(out, FINAL_CLEANUP))
+        raise RunError(finished_run_message(out))
     return "resume"
 
 
