@@ -20,7 +20,8 @@ Protocols (the per-method flags; ``method_flags``):
 * ``held-out`` (the ESM-2 scripts, NER): every method trains on the lower split and is selected on the held-out
   split (the runner's ``--upper_fraction``); BiDoRA retrains when ``--retrain-steps`` is given.
 
-Finished runs (a ``results.json`` in the run's folder): ``--finished skip`` (default) leaves them, ``redo`` passes
+Finished runs (a ``results.json`` in the run's folder): ``--finished skip`` (default) leaves them (completing a
+final clean-up that a kill interrupted: :func:`finish_interrupted_cleanup`), ``redo`` passes
 ``--overwrite_output_dir``, ``refuse`` passes nothing (the runner refuses them). The grid records each run's
 settings (runner and flags) in ``<run folder>.grid.json`` when it starts it; a finished run whose recorded settings
 differ from the ones asked for now is not skipped silently: the grid stops, naming the run and the flags that
