@@ -187,12 +187,16 @@ def finish_interrupted_cleanup(out: Path, patterns: Sequence[str] = FINAL_CLEANU
         keep = json.loads((out / "run_config.json").read_text(encoding="utf-8")).get("keep_checkpoints", True)
     except (OSError, ValueError, AttributeError):
         keep = True
-    removed = []
-    if keep is False:
-        for path in sorted({p for pattern in patterns for p in out.glob(pattern)}):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return removed
+    # ignore_errors: under torchrun every process meets the finished run and removes the same paths
+    return remove_matching(out, patterns, ignore_errors=True) if keep is False else []
+
+
+def remove_matching(folder: Path, patterns: Sequence[str], ignore_errors: bool = False) -> list[str]:
+    """Remove every file and folder in ``folder`` that matches one of the glob ``patterns``; their names, sorted."""
+    paths = sorted({path for pattern in patterns for path in folder.glob(pattern)})
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=ignore_errors) if path.is_dir() else path.unlink(missing_ok=ignore_errors)
+    return [path.name for path in paths]
 
 
 def _record(run: Run) -> Path:

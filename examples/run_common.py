@@ -15,13 +15,12 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from grid import finish_interrupted_cleanup
+from grid import finish_interrupted_cleanup, remove_matching
 from transformers import HfArgumentParser
 from transformers.training_args import IntervalStrategy
 
@@ -179,12 +178,7 @@ def check_output_dir(out: Path, overwrite: bool, outputs: Iterable[str] = ()) ->
         raise RunError(f"--output_dir {out} is a file")
     checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
     if overwrite:
-        for path in [*checkpoints, *(out / name for name in RESULT_FILES), *out.glob("*_results.json"),
-                     *(path for pattern in outputs for path in out.glob(pattern))]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_matching(out, ("checkpoint-*", *RESULT_FILES, "*_results.json", *outputs))
         return False
     if (out / "results.json").exists():
         raise RunError(finished_run_message(out))
@@ -308,8 +302,7 @@ def finish_run(out: Path, results: dict, model, tokenizer, full_model: bool, ada
         save_adapter(model, out / "adapter", results, data, unit)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     if not keep_checkpoints:
-        for path in out.glob("checkpoint-*"):  # grid.finish_interrupted_cleanup completes this after a kill
-            shutil.rmtree(path)
+        remove_matching(out, ("checkpoint-*",))  # grid.finish_interrupted_cleanup completes this after a kill
 
 
 def start_runtime(args, cpu_note: str = "note: no GPU found: running on the CPU", unpin_on_cpu: bool = True) -> None:

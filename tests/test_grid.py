@@ -237,8 +237,10 @@ def test_a_finished_run_whose_cleanup_a_kill_interrupted_is_cleaned_then_refused
         out = tmp_path / script
         (out / "adapter").mkdir(parents=True)
         for name in leftovers:
-            (out / name).mkdir() if "." not in name else (out / name).write_text("{}")
-            if "." not in name:
+            if "." in name:
+                (out / name).write_text("{}")
+            else:
+                (out / name).mkdir()
                 (out / name / "trainer_state.json").write_text("{}")
         (out / "results.json").write_text("{}")
         if recorded is not None:

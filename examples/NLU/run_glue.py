@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from glue_data import FILE_OPTIONS, load_glue_datasets  # noqa: E402
 from glue_metrics import compute_metrics  # noqa: E402
 from glue_tasks import TASK_NAMES, GlueTask, get_task  # noqa: E402
-from grid import FINAL_CLEANUP  # noqa: E402
+from grid import FINAL_CLEANUP, remove_matching  # noqa: E402
 from modeling import POOLINGS, load_classifier  # noqa: E402
 from run_common import (  # noqa: E402
     RunError,
@@ -438,8 +438,7 @@ def write_outputs(results: dict, train_metrics: dict, plan: Plan, data_args: Dat
     atomic_write_text(out / "all_results.json", json.dumps(all_results, indent=4, sort_keys=True) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     if not run_args.keep_checkpoints:
-        for path in sorted({path for pattern in FINAL_CLEANUP for path in out.glob(pattern)}):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove_matching(out, FINAL_CLEANUP)
 
 
 def main(argv: list[str] | None = None) -> int:
