@@ -171,6 +171,8 @@ def copy_adapter_tensors(
         for key, value in tensors.items():
             live[key].copy_(value)
     for _, layer in layers:
+        if not any(layer._parameters[name].is_meta for name in layer._undefined):
+            layer._undefined = frozenset()  # every adapter value came from the file
         if layer.decomposed:
             layer._magnitude_init = None  # the file's magnitude: never re-initialised
         layer.refresh()

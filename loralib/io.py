@@ -50,6 +50,8 @@ LEGACY_FORMAT_VERSION = 1
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors (``<module>.lora_A``, ``.lora_B``, ``.magnitude``) and the ``modules_to_save`` parameters."""
     require_adapter_config(model)
+    for _, layer in adapter_layers(model):
+        layer._require_defined("save the adapters")
     return {k: v.detach().cpu().contiguous() for k, v in adapter_tensors(model).items()}
 
 

@@ -118,8 +118,16 @@ def _dtensor_type() -> type | None:
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
-    """Bitwise equal (same dtype, shape and device, equal elements)."""
-    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+    """Bitwise equal (same dtype, shape and device, the same bits: a NaN equals the same NaN, which memory without
+    values, e.g. after ``to_empty``, may hold)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point() or a.is_meta:
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return bool(torch.equal(a.detach().contiguous().view(bits), b.detach().contiguous().view(bits)))
 
 
 def unsupported_weight(weight: Tensor) -> str | None:
@@ -170,6 +178,14 @@ class AdapterLayer(nn.Module):
     _magnitude_init: Tensor | None = None
     #: The key (:func:`_tensor_key`) of W0 when the layer last looked at it (None: look at the next forward).
     _w0_seen: tuple | None = None
+    #: Names of the adapter parameters whose values are not defined yet. Non-empty only for a layer built over a W0
+    #: on the meta device: transformers' ``from_pretrained`` builds the model there, so adapters applied in a model
+    #: class's ``__init__`` are, and so are builds under ``torch.device("meta")``; the memory they get later
+    #: (``torch.empty``, ``to_empty``) holds no values. A name leaves the set when its value arrives (a load of its
+    #: key, transformers' loader, :meth:`reset_adapter_parameters`); the rest are initialised from the W0 then in
+    #: place by :meth:`_define_adapter`, the first time the layer sees real memory (a load, a mode switch, which is
+    #: how ``from_pretrained`` ends, a forward, a merge, a save).
+    _undefined: frozenset[str] = frozenset()
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
@@ -210,9 +226,11 @@ class AdapterLayer(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
-        # m / n at merge time (DoRA), needed to unmerge. A buffer, so that it follows .to() / .half() with the layer;
-        # saved through get_extra_state (the key set of the state dict must not depend on the merge state).
-        self.register_buffer("_merge_scale", None, persistent=False)
+        # m / n at merge time (DoRA), needed to unmerge; saved through get_extra_state (the key set of the state dict
+        # must not depend on the merge state). A plain attribute that _apply converts as the weights are (.to(),
+        # .half()), not a buffer: transformers' from_pretrained replaces every non-persistent buffer with
+        # torch.empty after loading, which would lose the loaded value of a layer built in a model's __init__.
+        self._merge_scale: Tensor | None = None
         self._norm_cache: tuple[tuple, Tensor] | None = None
         self.reset_adapter_parameters()
         dtensor = _dtensor_type()
@@ -221,7 +239,9 @@ class AdapterLayer(nn.Module):
         if self.decomposed:
             with torch.no_grad():  # ‖W0‖_row exactly the way the forward computes n with B = 0: m / n = 1
                 self.magnitude = nn.Parameter(self._initial_magnitude(adapter_dtype))
-            self._magnitude_init = self.magnitude.detach().clone()
+            self._magnitude_init = None if weight.is_meta else self.magnitude.detach().clone()
+        if weight.is_meta:  # no values yet, for W0 or for the adapter: defined once W0 has them (_define_adapter)
+            self._undefined = frozenset(("lora_A", "lora_B", "magnitude") if self.decomposed else ("lora_A", "lora_B"))
         self._w0_seen = self._w0_key()
 
     def _distribute_adapter_like(self, weight: Tensor) -> None:
@@ -235,13 +255,80 @@ class AdapterLayer(nn.Module):
 
     def reset_adapter_parameters(self) -> None:
         """Re-initialise the direction: A random (Kaiming-uniform or Gaussian), B zero (so ΔW = 0)."""
-        with torch.no_grad():
+        self._init_direction(("lora_A", "lora_B"))
+        if not self.lora_A.is_meta and not self.lora_B.is_meta:
+            self._undefined = self._undefined - {"lora_A", "lora_B"}
+        self._invalidate_caches()
+
+    @torch.no_grad()
+    def _init_direction(self, names) -> None:
+        if "lora_A" in names:
             if self.init_lora_weights == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if "lora_B" in names:
             nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def _define_adapter(self, materialised: bool = False) -> bool:
+        """Give the adapter parameters of :attr:`_undefined` the values a layer built over the current W0 would
+        have (A random, B zero, DoRA's magnitude ‖W0‖_row), leaving those whose values a loader put there. Which
+        is which, by the route that gave them memory:
+
+        * ``materialised`` (``to_empty``, seen by :meth:`_apply`): every one holds garbage.
+        * transformers' ``from_pretrained`` (it marks each module it finished, and each parameter it loaded from
+          the checkpoint, with ``_is_hf_initialized``, and materialises the missing ones with ``torch.empty``):
+          the unmarked ones.
+        * any other loader that assigns new Parameters (accelerate's ``set_module_tensor_to_device``, a user's
+          ``layer.lora_A = Parameter(...)``): none, they are the loaded values.
+        * still on the meta device while W0 is not (``load_state_dict(base_weights, strict=False, assign=True)``,
+          torchtune's order): they get memory on W0's device here, and values.
+
+        Returns False, changing nothing, while W0 is still on the meta device (no values to start from).
+        """
+        if not self._undefined:
+            return True
+        weight = self.base_weight()
+        params = {name: self._parameters.get(name) for name in self._undefined}
+        if weight.is_meta or any(p is None for p in params.values()):
+            return False
+        on_meta = {name for name, p in params.items() if p.is_meta}
+        dtensor = _dtensor_type()
+        if dtensor is not None and any(isinstance(params[name], dtensor) for name in on_meta):
+            return False  # sharded by FSDP while on meta: to_empty gives it memory
+        for name in on_meta:
+            p = params[name]
+            params[name] = nn.Parameter(torch.empty_like(p, device=weight.device), requires_grad=p.requires_grad)
+            setattr(self, name, params[name])
+        if materialised:
+            todo = set(params)
+        elif getattr(self, "_is_hf_initialized", False):
+            todo = {name for name, p in params.items() if not getattr(p, "_is_hf_initialized", False)}
+        else:
+            todo = on_meta
+        self._init_direction(todo)
+        if "magnitude" in todo:
+            magnitude = self.magnitude
+            magnitude.copy_(self._initial_magnitude(magnitude.dtype))
+            self._magnitude_init = magnitude.detach().clone()
+        elif "magnitude" in params:
+            self._magnitude_init = None  # loaded: the user's magnitude, never re-initialised
+        self._undefined = frozenset()
         self._invalidate_caches()
+        self._w0_seen = self._w0_key()
+        return True
+
+    def _require_defined(self, doing: str) -> None:
+        """Raise (a sentence, not a meta-tensor error) when adapter values are still undefined."""
+        if self._undefined and not self._define_adapter():
+            raise RuntimeError(
+                f"cannot {doing}: this {type(self).__name__} was built on the meta device and its "
+                f"{', '.join(sorted(self._undefined))} have no values yet: its base weight is still on the meta "
+                "device. Load the model's weights first (load_state_dict(..., assign=True), or to_empty() and then "
+                "load_state_dict; adapter values missing from the state dict are then initialised), or load the "
+                "pretrained model and apply the adapters to it (loralib.from_pretrained)"
+            )
 
     # ---- state derived from the weights ----------------------------------------------------------------------
     # One cache design: a derived tensor is stored as ``(key, value)`` under its own attribute (``_norm_cache``,
@@ -305,7 +392,15 @@ class AdapterLayer(nn.Module):
         magnitude, weight = self._parameters.get("magnitude"), self._parameters.get("weight")
         if init is None or magnitude is None or weight is None or weight.requires_grad:
             return
-        if weight.is_meta or magnitude.is_meta or not _same_values(magnitude, init):
+        if weight.is_meta or magnitude.is_meta:
+            return
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(magnitude, dtensor) != isinstance(init, dtensor):
+            if not isinstance(magnitude, dtensor):
+                return  # an FSDP2 forward (unsharded magnitude, sharded record): loads follow on the sharded tensors
+            if not _same_values(magnitude.full_tensor(), init):  # sharded after adapting: the record is whole
+                return
+        elif not _same_values(magnitude, init):
             return
         value = self._initial_magnitude(magnitude.dtype)
         if not _same_values(value, magnitude):
@@ -314,6 +409,8 @@ class AdapterLayer(nn.Module):
 
     def _check_w0(self) -> None:
         """Eager forwards only: follow W0 when it changed since the layer last looked (a cheap key comparison)."""
+        if self._undefined and not self._define_adapter():
+            return
         key = self._w0_key()
         if key is not None and key != self._w0_seen:
             self._follow_w0()
@@ -322,32 +419,52 @@ class AdapterLayer(nn.Module):
         """Recompute everything derived from the weights: after writes autograd cannot see (``.data`` writes, fused
         optimisers, collectives). See :func:`loralib.refresh`."""
         self._invalidate_caches()
+        self._define_adapter()
         self._follow_w0()
 
     def _apply(self, fn, recurse: bool = True):
         # .to() / .half() / .cuda() / to_empty / share_memory_: the weights may move to memory a freed tensor had
         # (a float -> half -> float round trip can land where it started, same version), so forget every cache; the
         # stored initial magnitude is converted exactly as the magnitude is, so the two stay comparable bitwise.
+        undefined_on_meta = bool(self._undefined) and self.base_weight().is_meta
         module = super()._apply(fn, recurse)
-        init = self.__dict__.get("_magnitude_init")
-        if init is not None:
-            self._magnitude_init = fn(init)
+        for name in ("_magnitude_init", "_merge_scale"):
+            value = self.__dict__.get(name)
+            if value is not None:
+                self.__dict__[name] = fn(value)
+        if undefined_on_meta:  # to_empty (a meta tensor cannot be copied): memory without values, W0's included
+            self._define_adapter(materialised=True)
         self._invalidate_caches()
         self._w0_seen = None  # the next forward (or load) looks at W0 again
         return module
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.decomposed and prefix + "magnitude" in state_dict:
+
+        def loaded(name: str) -> bool:
+            # torch.distributed.checkpoint's set_model_state_dict fills the keys its state dict lacks with the
+            # model's own tensors: a parameter "loaded" from itself received nothing
+            value = state_dict.get(prefix + name)
+            return value is not None and value is not self._parameters.get(name)
+
+        if self._undefined:
+            self._undefined = frozenset(n for n in self._undefined if not loaded(n))
+        if self.decomposed and loaded("magnitude"):
             self._magnitude_init = None  # the user's magnitude: never re-initialised
         self._invalidate_caches()
         self._check_w0()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._define_adapter()  # values for a layer built on the meta device whose W0 has them now (never garbage)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def train(self, mode: bool = True):
         # The eval-mode norm cache is keyed on the version counters of A, B and W0, which fused optimisers
         # (transformers' default adamw_torch_fused) do not bump: every change of mode starts it afresh.
         self._norm_cache = None
-        return super().train(mode)
+        module = super().train(mode)
+        self._define_adapter()  # transformers' from_pretrained ends with eval(): a layer built in __init__ gets values
+        return module
 
     def extra_repr(self) -> str:
         return (
@@ -482,6 +599,8 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The base output is the unadapted layer's own (bias included, same kernels, same autocast behaviour), so an
         # adapter at its initial state returns exactly what the pretrained layer returns, in every dtype.
+        if self._undefined and not torch.compiler.is_compiling():
+            self._require_defined("run a forward")
         base = self._base_forward(x)
         if self.merged or self.adapter_disabled:
             return base
@@ -532,6 +651,7 @@ class AdapterLayer(nn.Module):
         weight = self.base_weight()
         if self.merged:
             return weight.detach().clone()
+        self._require_defined("merge")
         acc = self._merge_dtype()
         with _full_precision_region(weight.device):
             adapted = weight.to(acc) + self.delta_weight().to(acc)
@@ -550,6 +670,7 @@ class AdapterLayer(nn.Module):
             return False
         if self.adapter_disabled:
             raise RuntimeError("cannot merge inside loralib.disable_adapters: leave the with-block first")
+        self._require_defined("merge")
         scale = None
         if self.decomposed:
             with _full_precision_region(self.base_weight().device):
@@ -578,7 +699,7 @@ class AdapterLayer(nn.Module):
             if self.decomposed:
                 if self._merge_scale is None:
                     raise RuntimeError("merged DoRA layer has no stored merge scale; cannot unmerge")
-                restored = restored / self._merge_scale.to(acc).unsqueeze(1)
+                restored = restored / self._merge_scale.to(device=restored.device, dtype=acc).unsqueeze(1)
             restored = restored - self.delta_weight().to(acc)
         self._set_base_weight(restored)
         self._merge_scale = None
@@ -601,6 +722,12 @@ class AdapterLayer(nn.Module):
         return torch.cat([flag, self._merge_scale.detach().to(device="cpu", dtype=torch.float64)])
 
     def set_extra_state(self, state: Tensor | dict) -> None:
+        if type(state).__name__ == "_EXTRA_STATE":
+            # torch.distributed.checkpoint's set_model_state_dict (full state dict, strict=False) passes this
+            # placeholder for an extra-state key its state dict lacks (base weights only): nothing to load
+            return
+        if not isinstance(state, (dict, Tensor)):
+            raise TypeError(f"{type(self).__name__}: saved merge state is a {type(state).__name__}, not a tensor")
         if isinstance(state, dict):  # written by loralib 0.1.0
             merged, scale = bool(state.get("merged", False)), state.get("merge_scale")
         else:
@@ -615,7 +742,8 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"{type(self).__name__}: saved state says merged but holds no merge scale")
         weight = self.base_weight()
         self.merged = merged
-        self._merge_scale = None if scale is None else scale.to(device=weight.device, dtype=self._merge_dtype())
+        device = "cpu" if weight.is_meta else weight.device  # a meta W0 gets memory later: keep the value on the CPU
+        self._merge_scale = None if scale is None else scale.to(device=device, dtype=self._merge_dtype())
         self._invalidate_caches()
 
 

@@ -424,6 +424,7 @@ def _peft_tensors_and_config(model: nn.Module, config: AdapterConfig) -> tuple[d
     layers = adapter_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers:
+        layer._require_defined("save the adapters")
         embedding = isinstance(layer, LoRAEmbedding)
         tensors[f"{PREFIX}{name}.{'lora_embedding_A' if embedding else 'lora_A.weight'}"] = layer.lora_A
         tensors[f"{PREFIX}{name}.{'lora_embedding_B' if embedding else 'lora_B.weight'}"] = layer.lora_B

@@ -192,6 +192,163 @@ def test_dtype_moves_are_the_model_converted_first(dtype):
     assert_same_model(model, reference, converted)
 
 
+# ---- adapters built on the meta device (issue 20, item 4): values arrive later, by every loading route ----------
+def _adapted_in_init(method, targets):
+    """A model class that applies the adapters in its own ``__init__``: transformers' ``from_pretrained`` builds it on
+    the meta device, loads the checkpoint and fills what the checkpoint lacks with ``torch.empty``."""
+    from transformers import RobertaForSequenceClassification
+
+    class AdaptedInInit(RobertaForSequenceClassification):
+        def __init__(self, config):
+            super().__init__(config)
+            cfg = loralib.AdapterConfig(method=method, r=4, lora_alpha=8, target_modules=targets)
+            loralib.apply_adapters(self, cfg)
+
+    return AdaptedInInit
+
+
+def _targets(method):
+    return TARGETS + ([] if method == "bidora" else ["word_embeddings"])  # BiDoRA adapts no embedding
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["lora", "dora", "bidora"])
+def test_adapters_applied_in_init_of_a_model_loaded_by_from_pretrained(method, dtype, tmp_path):
+    """Was: lora_B uninitialised memory (|B| from 3e-5 to 1.9e38), the magnitude not ‖W0‖, no warning."""
+    from transformers import RobertaForSequenceClassification
+
+    pretrained(dtype).save_pretrained(tmp_path)
+    base = RobertaForSequenceClassification.from_pretrained(tmp_path, dtype=dtype).eval()
+    torch.manual_seed(5)
+    reference = copy.deepcopy(base)
+    loralib.apply_adapters(reference, loralib.AdapterConfig(method=method, r=4, lora_alpha=8,
+                                                             target_modules=_targets(method)))
+    model = _adapted_in_init(method, _targets(method)).from_pretrained(tmp_path, dtype=dtype)
+    assert_same_model(model, reference, base)  # the pretrained model at step 0, magnitudes ‖W0‖ bitwise
+    for (name, layer), (_, ref) in zip(loralib.adapter_layers(model), loralib.adapter_layers(reference)):
+        for pname in ("lora_A", "lora_B") + (("magnitude",) if layer.decomposed else ()):
+            got, want = getattr(layer, pname), getattr(ref, pname)
+            assert (got.dtype, got.shape, got.requires_grad) == (want.dtype, want.shape, want.requires_grad), pname
+        assert torch.count_nonzero(layer.lora_B) == 0, name
+        fan_in = layer.lora_A.shape[1]  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert layer.lora_A.abs().max() <= fan_in ** -0.5 and layer.lora_A.std() > 0.2 * fan_in ** -0.5, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_trained_model_saved_whole_reloads_through_init_bitwise(merged, dtype, tmp_path):
+    """Values transformers loaded are kept (lora_A, lora_B, a trained magnitude), and so is a merged layer's
+    m / n: it was a non-persistent buffer, which from_pretrained replaces with torch.empty after loading."""
+    trained = adapt(pretrained(dtype), "dora")
+    with torch.no_grad():
+        for _, layer in loralib.adapter_layers(trained):
+            layer.lora_B.normal_(std=0.1)
+            layer.magnitude.mul_(1.1)
+    if merged:
+        loralib.merge_adapters(trained)
+    trained.save_pretrained(tmp_path)
+    loaded = _adapted_in_init("dora", TARGETS).from_pretrained(tmp_path, dtype=dtype)
+    want, got = trained.state_dict(), loaded.state_dict()
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    for (name, layer), (_, ref) in zip(loralib.adapter_layers(loaded), loralib.adapter_layers(trained)):
+        assert layer.merged == merged and layer._magnitude_init is None, name  # the loaded magnitude is the user's
+        if merged:
+            assert torch.equal(layer._merge_scale, ref._merge_scale), name
+    if merged:
+        loralib.unmerge_adapters(loaded)
+        loralib.unmerge_adapters(trained)
+    assert_same_model(loaded, trained.eval())
+
+
+def _meta_model(dtype, method="dora"):
+    with torch.device("meta"):
+        model = tiny_roberta(seed=1, dtype=dtype)
+    return adapt(model, method)
+
+
+def _buffers_from(model, source):
+    """The non-persistent buffers (position ids) are in no state dict: give the meta-built model the source's."""
+    for name, buffer in source.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[attr] = buffer.clone()
+    return model.eval()
+
+
+def _to_empty_then_load(model, state):
+    model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=False)
+
+
+def _to_empty_mode_switch_then_load(model, state):  # the adapters get values from garbage W0 first, then follow it
+    model.to_empty(device="cpu")
+    model.train()
+    model.load_state_dict(state, strict=False)
+
+
+def _assign(model, state):  # torchtune's order: base weights assigned onto the meta model
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+META_ROUTES = {
+    "to_empty_load": _to_empty_then_load,
+    "to_empty_train_load": _to_empty_mode_switch_then_load,
+    "load_assign": _assign,
+    "new_parameters": lambda model, state: (model.to_empty(device="cpu"), _new_parameters(model, state)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("route", list(META_ROUTES))
+def test_adapters_built_on_meta_get_the_values_of_the_right_order(route, dtype):
+    """Base weights only in the state dict: the adapters are initialised from the loaded W0 (as if applied to the
+    pretrained model); a full adapted state dict: its values, bitwise."""
+    base = pretrained(dtype)
+    reference = adapt(copy.deepcopy(base), "dora")
+    model = _meta_model(dtype)
+    META_ROUTES[route](model, base_keys(base))
+    assert_same_model(_buffers_from(model, base), reference, base)
+    assert all(torch.count_nonzero(layer.lora_B) == 0 for _, layer in loralib.adapter_layers(model))
+
+
+FULL_ROUTES = {
+    "to_empty_load": _to_empty_then_load,
+    "load_assign": _assign,
+    "new_parameters": lambda model, state: _new_parameters(model, state),  # accelerate's way: Parameters assigned
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("route", [*FULL_ROUTES, "load_adapters"])
+def test_adapter_values_loaded_onto_a_meta_built_model_are_kept(route, dtype, tmp_path):
+    trained = adapt(pretrained(dtype), "dora").eval()
+    with torch.no_grad():
+        for _, layer in loralib.adapter_layers(trained):
+            layer.lora_B.normal_(std=0.1)
+            layer.magnitude.mul_(1.1)
+    model = _meta_model(dtype)
+    if route == "load_adapters":
+        loralib.save_adapters(trained, tmp_path, model_card=False)
+        base_only = {k: v for k, v in base_keys(trained).items() if "lora_" not in k and "magnitude" not in k}
+        _to_empty_then_load(model, base_only)
+        loralib.load_adapters(model, tmp_path)
+    else:
+        FULL_ROUTES[route](model, base_keys(trained))
+    assert_same_model(_buffers_from(model, trained), trained)
+    for (name, layer), (_, ref) in zip(loralib.adapter_layers(model), loralib.adapter_layers(trained)):
+        assert torch.equal(layer.lora_A, ref.lora_A) and torch.equal(layer.lora_B, ref.lora_B), name
+
+
+def test_a_model_still_on_meta_refuses_forward_merge_and_save_with_a_sentence(tmp_path):
+    model = _meta_model(torch.float32)
+    layer = model.roberta.encoder.layer[0].attention.self.query  # (the whole model stops earlier, in its embeddings)
+    for action in (lambda: layer(torch.zeros(2, 16)), lambda: loralib.merge_and_unload(model),
+                   lambda: loralib.save_adapters(model, tmp_path)):
+        with pytest.raises(RuntimeError, match="built on the meta device .* base weight is still on the meta device"):
+            action()
+
+
 def test_loaded_and_trained_magnitudes_are_never_reinitialised():
     base = pretrained(torch.float32)
     state = base_keys(base)
@@ -393,6 +550,34 @@ def test_dtensor_base_is_adapted(method, one_process_mesh):
         assert torch.equal(adapted.magnitude.full_tensor(), expected)
     model(distributed_x).full_tensor().sum().backward()
     assert adapted.lora_B.grad is not None
+
+
+@pytest.mark.parametrize("built", ["on_meta", "random"])
+def test_fsdp2_model_loaded_by_set_model_state_dict_is_the_pretrained_model(built, one_process_mesh):
+    """FSDP2's way to load pretrained weights: shard the (meta or random) adapted model, then
+    torch.distributed.checkpoint's set_model_state_dict with the base weights (full_state_dict, strict=False). It
+    fills the keys its state dict lacks with the model's own tensors and the extra-state keys with a placeholder
+    object: the magnitudes counted as loaded (never following W0) and set_extra_state failed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    base = pretrained(torch.float32)
+    reference = adapt(copy.deepcopy(base), "dora")
+    model = _meta_model(torch.float32) if built == "on_meta" else late(torch.float32, "dora")
+    for block in model.roberta.encoder.layer:
+        fully_shard(block, mesh=one_process_mesh)
+    fully_shard(model, mesh=one_process_mesh)
+    assert isinstance(model.roberta.encoder.layer[0].attention.self.query.weight, DTensor)
+    if built == "on_meta":
+        model.to_empty(device="cpu")
+    set_model_state_dict(model, base_keys(base), options=StateDictOptions(full_state_dict=True, strict=False))
+    _buffers_from(model, base)
+    batch = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, base(**batch).logits)
+    for (name, layer), (_, ref) in zip(loralib.adapter_layers(model), loralib.adapter_layers(reference)):
+        assert torch.equal(layer.magnitude.full_tensor(), ref.magnitude), name
 
 
 # ---- disable_adapters, print_trainable_parameters ----------------------------------------------------------------
