@@ -186,6 +186,8 @@ class AdapterLayer(nn.Module):
     #: place by :meth:`_define_adapter`, the first time the layer sees real memory (a load, a mode switch, which is
     #: how ``from_pretrained`` ends, a forward, a merge, a save).
     _undefined: frozenset[str] = frozenset()
+    #: The base weight's shape when the adapter was made (None: not recorded, a layer pickled by an older loralib).
+    _weight_shape: tuple | None = None
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
@@ -222,6 +224,7 @@ class AdapterLayer(nn.Module):
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.init_lora_weights = init_lora_weights
         self.detach_norm = bool(detach_norm)
+        self._weight_shape = tuple(self.weight.shape)  # what lora_A / lora_B were made to fit
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -241,8 +244,11 @@ class AdapterLayer(nn.Module):
                 self.magnitude = nn.Parameter(self._initial_magnitude(adapter_dtype))
             self._magnitude_init = None if weight.is_meta else self.magnitude.detach().clone()
         if weight.is_meta:  # no values yet, for W0 or for the adapter: defined once W0 has them (_define_adapter)
-            self._undefined = frozenset(("lora_A", "lora_B", "magnitude") if self.decomposed else ("lora_A", "lora_B"))
+            self._undefined = frozenset(self._adapter_names())
         self._w0_seen = self._w0_key()
+
+    def _adapter_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B", "magnitude") if self.decomposed else ("lora_A", "lora_B")
 
     def _distribute_adapter_like(self, weight: Tensor) -> None:
         from torch.distributed.tensor import Replicate, distribute_tensor
@@ -318,6 +324,18 @@ class AdapterLayer(nn.Module):
         self._invalidate_caches()
         self._w0_seen = self._w0_key()
         return True
+
+    def _check_shape(self) -> None:
+        """Raise (a sentence, not a shape error deep in torch) when the base weight no longer has the shape the
+        adapter was made for: resized after ``apply_adapters`` (``resize_token_embeddings`` rewrites an
+        embedding's weight in place)."""
+        shape = tuple(self.weight.shape)
+        if self._weight_shape is not None and shape != self._weight_shape:
+            raise RuntimeError(
+                f"this {type(self).__name__}'s base weight changed shape from {self._weight_shape} to {shape} after "
+                "the adapters were applied (resize_token_embeddings, or a new weight assigned): lora_A / lora_B no "
+                "longer fit it. Resize the base model first, then apply the adapters (PEFT's order too)"
+            )
 
     def _require_defined(self, doing: str) -> None:
         """Raise (a sentence, not a meta-tensor error) when adapter values are still undefined."""
@@ -426,13 +444,19 @@ class AdapterLayer(nn.Module):
         # .to() / .half() / .cuda() / to_empty / share_memory_: the weights may move to memory a freed tensor had
         # (a float -> half -> float round trip can land where it started, same version), so forget every cache; the
         # stored initial magnitude is converted exactly as the magnitude is, so the two stay comparable bitwise.
-        undefined_on_meta = bool(self._undefined) and self.base_weight().is_meta
+        # torch's to_empty (and any move of a meta W0, which only to_empty can do): memory without values, for W0
+        # as for the adapter, which is then initialised (its magnitude follows W0 when W0 is loaded)
+        emptied = getattr(fn, "__qualname__", "") == "Module.to_empty.<locals>.<lambda>" or (
+            bool(self._undefined) and self.base_weight().is_meta
+        )
         module = super()._apply(fn, recurse)
         for name in ("_magnitude_init", "_merge_scale"):
             value = self.__dict__.get(name)
             if value is not None:
                 self.__dict__[name] = fn(value)
-        if undefined_on_meta:  # to_empty (a meta tensor cannot be copied): memory without values, W0's included
+        if emptied and not self.base_weight().is_meta:
+            self.merged, self._merge_scale = False, None  # the memory holds no merged weight either
+            self._undefined = frozenset(self._adapter_names())
             self._define_adapter(materialised=True)
         self._invalidate_caches()
         self._w0_seen = None  # the next forward (or load) looks at W0 again
@@ -599,8 +623,10 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The base output is the unadapted layer's own (bias included, same kernels, same autocast behaviour), so an
         # adapter at its initial state returns exactly what the pretrained layer returns, in every dtype.
-        if self._undefined and not torch.compiler.is_compiling():
-            self._require_defined("run a forward")
+        if not torch.compiler.is_compiling():
+            if self._undefined:
+                self._require_defined("run a forward")
+            self._check_shape()
         base = self._base_forward(x)
         if self.merged or self.adapter_disabled:
             return base
@@ -619,7 +645,7 @@ class AdapterLayer(nn.Module):
         if self.magnitude_is_upper_level and self.training and self.magnitude.requires_grad:
             self._check_joint_magnitude_training()
         norm = self._norm_for_forward()
-        scale = (self.magnitude.to(norm.dtype) / norm).to(out.dtype)
+        scale = self._scale(norm).to(out.dtype)
         bias = self._bias()
         if bias is None:
             return out * scale
@@ -641,8 +667,17 @@ class AdapterLayer(nn.Module):
     def _magnitude_scale(self) -> Tensor:
         """``m / n`` per output row, in the merge dtype (at least float32)."""
         self._check_w0()  # a merge right after W0 changed: the magnitude follows first, as in a forward
-        norm = self.weight_norm()
-        return self.magnitude.to(norm.dtype) / norm
+        return self._scale(self.weight_norm())
+
+    def _scale(self, norm: Tensor) -> Tensor:
+        """``m / n`` per output row in ``n``'s dtype (the accumulation dtype). A half-precision magnitude
+        (``autocast_adapter_dtype=False`` on a half base, or a model converted with ``.half()``) holds ``‖W0‖``
+        rounded to its precision, so it meets ``n`` rounded the same way: ``m / n`` is then exactly 1 at
+        initialisation, as with a full-precision magnitude (the rounding is invisible to the gradient)."""
+        magnitude = self.magnitude
+        if magnitude.dtype in _HALF_DTYPES and norm.dtype != magnitude.dtype:
+            norm = norm + (norm.to(magnitude.dtype).to(norm.dtype) - norm).detach()
+        return magnitude.to(norm.dtype) / norm
 
     def merged_weight(self) -> Tensor:
         """The single ``(out, in)`` weight equivalent to this layer (without bias), in the base weight's dtype.
@@ -652,6 +687,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return weight.detach().clone()
         self._require_defined("merge")
+        self._check_shape()
         acc = self._merge_dtype()
         with _full_precision_region(weight.device):
             adapted = weight.to(acc) + self.delta_weight().to(acc)

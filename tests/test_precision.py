@@ -42,11 +42,14 @@ def test_adapters_are_fp32_on_half_bases_unless_asked(method, kind, dtype):
     assert kept.lora_A.dtype == kept.lora_B.dtype == dtype
 
 
+@pytest.mark.parametrize("adapters", ["fp32", "base_dtype"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("method,kind,dtype", CASES)
-def test_initial_output_is_the_pretrained_layers(method, kind, dtype, autocast):
-    """Bitwise the unadapted layer's output, same dtype, with and without autocast."""
-    base, layer = build_layer(method, kind, dtype, perturb=False)
+def test_initial_output_is_the_pretrained_layers(method, kind, dtype, autocast, adapters):
+    """Bitwise the unadapted layer's output, same dtype, with and without autocast; also with adapters in the half
+    base's own dtype (``autocast_adapter_dtype=False``), whose magnitude is ‖W0‖ rounded: m / n was 1 ± 2⁻⁹ on
+    some rows (outputs off by up to 7e-3 on a tiny Llama)."""
+    base, layer = build_layer(method, kind, dtype, perturb=False, autocast_adapter_dtype=adapters == "fp32")
     x = layer_input(kind, dtype if not autocast else torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         expected, got = base(x), layer(x)
@@ -128,6 +131,27 @@ def test_dora_with_all_zero_weight_row_is_the_pretrained_layer(dtype, keep_dtype
     assert torch.equal(out, base(x))
     out.float().square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in (layer.lora_A, layer.lora_B, layer.magnitude))
+
+
+@pytest.mark.parametrize("half", HALF, ids=str)
+@pytest.mark.parametrize("method", ["dora", "bidora"])
+def test_half_magnitudes_train_like_the_float64_formula(method, half):
+    """The half magnitude meets n rounded to its precision in the value only: the output stays within the
+    half-precision tolerance of the float64 formula, and A, B get the gradient of the formula with n unrounded."""
+    base, layer = build_layer(method, "linear", half, autocast_adapter_dtype=False)
+    x = layer_input("linear", half)
+    a, b, m = (p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude))
+    w = reference_weight(w0_of("linear", base).double(), a, b, layer.scaling, m)
+    expected = x.double() @ w.T + base.bias.double()
+    got = layer(x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=8 * ULP[half] * scale * IN)
+    probe = torch.randn(expected.shape, dtype=torch.float64)
+    (expected * probe).sum().backward()
+    (got.double() * probe).sum().backward()
+    for ours, ref in ((layer.lora_A, a), (layer.lora_B, b)):
+        rel = (ours.grad.double() - ref.grad).norm() / ref.grad.norm()
+        assert rel < 64 * ULP[half], rel.item()
 
 
 def test_explicit_dtype_conversion_by_the_user_wins():

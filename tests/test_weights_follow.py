@@ -349,6 +349,55 @@ def test_a_model_still_on_meta_refuses_forward_merge_and_save_with_a_sentence(tm
             action()
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=str)
+def test_a_model_converted_to_half_after_adapting_is_the_converted_pretrained_model(half):
+    """``model.half()`` after apply_adapters converts the adapters too (the user's conversion wins): the untrained
+    magnitude follows as ‖W0‖ rounded to half, and the outputs are the converted base's, bitwise (were off by up to
+    7.8e-3 on a tiny Llama: m / n = 1 ± 2⁻⁹ on some rows)."""
+    base = tiny_gpt2(seed=0).eval()  # Conv1D layers whose outputs show a scale of 1 ± 2⁻¹¹ in fp16
+    cfg = loralib.AdapterConfig(method="dora", r=4, target_modules=["c_attn", "c_fc"])
+    model = copy.deepcopy(base)
+    loralib.apply_adapters(model, cfg)
+    model.to(half)
+    converted = copy.deepcopy(base).to(half)
+    reference = copy.deepcopy(converted)
+    loralib.apply_adapters(reference, cfg)  # fp32 adapters (autocast_adapter_dtype) on the half base
+    ids = token_batch(vocab=50)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, converted(ids).logits)
+    for (name, layer), (_, ref) in zip(loralib.adapter_layers(model), loralib.adapter_layers(reference)):
+        assert layer.magnitude.dtype == half and torch.equal(layer.magnitude, ref.magnitude.to(half)), name
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_to_empty_of_an_adapted_model_then_a_base_load_is_the_right_order(method, merged):
+    """``to_empty`` leaves every parameter without values; the adapters of a model built on a real device were kept
+    as that garbage (lora_B NaN, outputs NaN) while a meta-built model's were initialised. Now both are; a merged
+    layer's state goes with its memory."""
+    base = pretrained(torch.float32)
+    reference = adapt(copy.deepcopy(base), method)
+    model = adapt(tiny_roberta(seed=1), method)
+    if merged:
+        loralib.merge_adapters(model)
+    model.to_empty(device="cpu")
+    _load(model, base_keys(base))
+    assert_same_model(_buffers_from(model, base), reference, base)
+    assert not any(layer.merged for _, layer in loralib.adapter_layers(model))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_base_weight_resized_after_adapting_is_refused_with_a_sentence(method):
+    """resize_token_embeddings after adapting the embedding: lora_A kept its old vocabulary; LoRA failed in torch
+    for new ids only (old ids silently used the old adapter), DoRA on every forward with a shape error."""
+    model = tiny_roberta(seed=0)
+    loralib.apply_adapters(model, loralib.AdapterConfig(method=method, r=2, target_modules=["word_embeddings"]))
+    model.resize_token_embeddings(120)
+    for action in (lambda: model(**token_batch()), lambda: loralib.merge_and_unload(model)):
+        with pytest.raises(RuntimeError, match=r"changed shape from \(100, 16\) to \(120, 16\).*Resize the base"):
+            action()
+
+
 def test_loaded_and_trained_magnitudes_are_never_reinitialised():
     base = pretrained(torch.float32)
     state = base_keys(base)
