@@ -184,7 +184,8 @@ class AdapterLayer(nn.Module):
     #: (``torch.empty``, ``to_empty``) holds no values. A name leaves the set when its value arrives (a load of its
     #: key, transformers' loader, :meth:`reset_adapter_parameters`); the rest are initialised from the W0 then in
     #: place by :meth:`_define_adapter`, the first time the layer sees real memory (a load, a mode switch, which is
-    #: how ``from_pretrained`` ends, a forward, a merge, a save).
+    #: how ``from_pretrained`` ends, a forward, a merge, a save). ``to_empty`` of any layer initialises every one
+    #: at once (:meth:`_apply`).
     _undefined: frozenset[str] = frozenset()
     #: The base weight's shape when the adapter was made (None: not recorded, a layer pickled by an older loralib).
     _weight_shape: tuple | None = None
