@@ -85,14 +85,18 @@ fi
 echo "== SmolLM2-135M-Instruct on Rotten Tomatoes instructions, methods: $METHODS, seeds: $SEEDS"
 echo "   OUR settings, not tuned: lr $LR, $MAX_STEPS steps of batch 8, r 8 alpha 16 q/v, base $BASE_DTYPE"
 echo "   $JOBS run(s) at a time, $THREADS thread(s) each; outputs: $OUT/<method>/seed<N>"
-# The three BiDoRA runs first, so that the JOBS slots end together; "base" (the pretrained model, evaluated) runs once,
-# on the first seed's held-out split. A finished run (results.json) is skipped; with JOBS > 1 each run logs to
-# <run folder>.log (with JOBS=1 to the terminal).
-methods="bidora"
-for m in $METHODS; do [[ "$m" == bidora ]] || methods+=" $m"; done
-[[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"
+# With JOBS > 1 the three BiDoRA runs go first, so that the slots end together; one run at a time goes seed by seed
+# (every method of seed 0 first), so that a stopped grid leaves complete comparisons. "base" (the pretrained model,
+# evaluated) runs once, on the first seed's held-out split. A finished run (results.json) is skipped; with JOBS > 1
+# each run logs to <run folder>.log (with JOBS=1 to the terminal).
+methods="$METHODS" order=seed
+if (( JOBS > 1 )); then
+  methods="bidora" order=method
+  for m in $METHODS; do [[ "$m" == bidora ]] || methods+=" $m"; done
+  [[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"
+fi
 "${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" --out "$OUT" --methods "$methods" --seeds "$SEEDS" \
-  --order method --once base --jobs "$JOBS" --threads "$THREADS" --protocol held-out --python "${PY[*]}" -- \
+  --order "$order" --once base --jobs "$JOBS" --threads "$THREADS" --protocol held-out --python "${PY[*]}" -- \
   --model_name_or_path "$MODEL_DIR" \
   --train_file "$DATA/train.jsonl" --validation_file "$DATA/validation.jsonl" --test_file "$DATA/test.jsonl" \
   --format chat --system_prompt "You write short film reviews." --max_seq_length 96 --base_dtype "$BASE_DTYPE" \
