@@ -10,18 +10,21 @@ path.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib.metadata
+import io
 import json
 import os
 import re
 import sys
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from grid import finish_interrupted_cleanup, remove_matching
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerCallback
 from transformers.training_args import IntervalStrategy
 
 import loralib
@@ -160,7 +163,55 @@ def load_hub_dataset(name: str, config_name: str | None, revision: str | None):
 
 # ---- the output folder, training and results -----------------------------------------------------------------------
 #: What a finished run of run_ner / run_clm leaves in its output folder (besides ``*_results.json``)
-RESULT_FILES = ("results.json", "all_results.json", "run_config.json", "loralib_run.json", "adapter", "model")
+RESULT_FILES = ("results.json", "all_results.json", "run_config.json", "loralib_run.json", "adapter", "model",
+                "log.csv")
+
+
+class CsvLogCallback(TrainerCallback):
+    """``log.csv``: one row per training log (losses, learning rates) with the phase and the run's elapsed seconds,
+    counted over resumptions; on resumption the rows past the checkpoint are dropped."""
+
+    FIELDS = ["step", "phase", "loss", "upper_loss", "learning_rate", "upper_learning_rate", "grad_norm", "elapsed_s"]
+    PHASES = ("search", "retrain")
+
+    def __init__(self, path: Path, phase: str, offset: int) -> None:
+        self.path, self.phase, self.offset = path, phase, offset
+        self.base, self.start = 0.0, time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return self.base + time.perf_counter() - self.start
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        if not state.is_world_process_zero:
+            return
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                order = self.PHASES.index(self.phase)
+                rows = [r for r in csv.DictReader(f) if self.PHASES.index(r["phase"]) < order
+                        or (r["phase"] == self.phase and int(r["step"]) <= self.offset + state.global_step)]
+        self.base = float(rows[-1]["elapsed_s"]) if rows else 0.0
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, text.getvalue())
+
+    def _row(self, state, logs: dict) -> None:
+        row = {k: logs.get(k, "") for k in self.FIELDS}
+        row.update(step=self.offset + state.global_step, phase=self.phase, elapsed_s=round(self.elapsed, 3))
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self._row(state, logs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._row(state, {})  # the phase's end: its wall time (utils/report.py reads the search phase's)
 
 
 def check_output_dir(out: Path, overwrite: bool, outputs: Iterable[str] = ()) -> bool:
@@ -234,20 +285,24 @@ def selection_split(args, held, dev: dict, default_metric: str, greater: bool | 
 
 
 def train_and_select(trainer, args, out: Path, resume: bool):
-    """Train (from the newest checkpoint in ``out`` when ``resume``, saying so) and save the train metrics
-    (``train_results.json``).
+    """Train (from the newest checkpoint in ``out`` when ``resume``, saying so), logging to ``out/log.csv``
+    (:class:`CsvLogCallback`), and save the train metrics (``train_results.json``).
 
     Returns:
-        ``(the Trainer's TrainOutput, the selected step)``: the step of the best checkpoint with
-        ``load_best_model_at_end``, else the last step.
+        ``(the Trainer's TrainOutput, the selected step, the training's wall seconds)``: the step of the best
+        checkpoint with ``load_best_model_at_end``, else the last step; the seconds are counted over resumptions
+        (the Trainer's ``train_runtime`` counts the last process only).
     """
     if resume:
         print(f"resuming the unfinished run in {out} from its newest complete checkpoint", flush=True)
+    log = CsvLogCallback(out / "log.csv", "search", 0)
+    trainer.add_callback(log)
     train_result = trainer.train(resume_from_checkpoint=True if resume else None)
+    wall = log.elapsed
     trainer.save_metrics("train", train_result.metrics)
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     step = int(re.search(r"checkpoint-(\d+)", best).group(1)) if best else trainer.state.global_step
-    return train_result, step
+    return train_result, step, wall
 
 
 def logits_of(prediction):

@@ -3,6 +3,7 @@ metric against hand-counted entities, and end-to-end runs of run_ner.py on a tin
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -269,3 +270,8 @@ def test_run_ner_resumes_an_unfinished_run(assets, tmp_path):
     assert run_ner.main(args) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["eval"] == done["eval"] and again["steps"] == 4
+    # the wall time counts the first process up to step 2 too (log.csv), the Trainer's train_runtime only the resume
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 4]  # rows past the checkpoint dropped; the end's row
+    first_part = float(rows[1]["elapsed_s"])
+    assert first_part > 0 and again["wall_time_s"] >= first_part + again["train_runtime_s"] * 0.5

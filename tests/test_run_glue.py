@@ -181,7 +181,7 @@ def test_the_same_command_resumes_an_interrupted_run(assets, tmp_path, monkeypat
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_glue.main(args_for(model, files, "sst2", "bidora", whole, *extra)) == 0
     with monkeypatch.context() as m:
-        m.setattr(run_glue.rh.CsvLogCallback, "on_step_end", interrupt_at(phase, 4), raising=False)
+        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at(phase, 4), raising=False)
         with pytest.raises(Interrupted):
             run_glue.main(args_for(model, files, "sst2", "bidora", cut, *extra))
     assert not (cut / "results.json").exists()
@@ -286,7 +286,7 @@ def test_a_damaged_checkpoint_is_named(assets, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut"
     argv = args_for(model, files, "sst2", "lora", out)
     with monkeypatch.context() as m:
-        m.setattr(run_glue.rh.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
+        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
         with pytest.raises(Interrupted):
             run_glue.main(argv)
     weights = out / "checkpoint-3" / "model.safetensors"
@@ -468,7 +468,7 @@ def test_a_resume_checks_the_checkpoint_and_skips_a_half_written_one(assets, tmp
     out = tmp_path / "cut"
     argv = args_for(model, files, "sst2", "lora", out)
     with monkeypatch.context() as m:
-        m.setattr(run_glue.rh.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
+        m.setattr(run_glue.CsvLogCallback, "on_step_end", interrupt_at("search", 4), raising=False)
         with pytest.raises(Interrupted):
             run_glue.main(argv)
     assert json.loads((out / "loralib_run.json").read_text())["base"]["name_or_path"] == str(model)

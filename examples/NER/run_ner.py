@@ -422,7 +422,7 @@ def run(model_args, data_args, adapter_config, run_args, args) -> dict:
             role = "BiDoRA's magnitudes train on it" if method == "bidora" else "ft / lora / dora do not train on it"
             print(f"holding out {fraction:.0%} of train ({len(held)} of {len(splits['train'][0])} sentences) as the "
                   f"heldout split: {role}; the model is selected on it", flush=True)
-    train_result, selected_step = train_and_select(trainer, args, out, resume)
+    train_result, selected_step, wall = train_and_select(trainer, args, out, resume)
 
     evaluated = [n for n in ("heldout", "validation", "test") if n in splits and (n != "validation" or args.do_eval)]
     results_eval, lost = {}, {}
@@ -446,7 +446,8 @@ def run(model_args, data_args, adapter_config, run_args, args) -> dict:
         "steps": trainer.state.global_step, "eval": results_eval, "history": trainer.state.log_history,
         "config": flat_config(model_args, data_args, adapter_config, run_args, args),
         "trainable_parameters": trainable, "total_parameters": sum(p.numel() for p in model.parameters()),
-        "train_runtime_s": train_result.metrics.get("train_runtime"), "world_size": args.world_size,
+        "train_runtime_s": train_result.metrics.get("train_runtime"), "wall_time_s": wall,
+        "world_size": args.world_size,
         "device": str(args.device), "versions": package_versions(VERSIONED),
         "data_sizes": {n: len(s[0]) for n, s in splits.items()}, "words_without_prediction": lost,
     }

@@ -603,10 +603,10 @@ def train(model, splits, collator, tokenizer, method: str, fraction: float, resu
         role = "BiDoRA's magnitudes train on it" if method == "bidora" else "ft / lora / dora do not train on it"
         print(f"holding out {fraction:.0%} of train's groups ({len(held)} of {len(splits['train'][0])} examples) as "
               f"the heldout split: {role}", flush=True)
-    train_result, selected_step = train_and_select(trainer, args, out, resume)
+    train_result, selected_step, wall = train_and_select(trainer, args, out, resume)
     return {"model": trainer.model, "trainer": trainer, "selection": split or "final", "select_metric": metric,
             "selected_step": selected_step, "steps": trainer.state.global_step, "history": trainer.state.log_history,
-            "train_runtime_s": train_result.metrics.get("train_runtime")}
+            "train_runtime_s": train_result.metrics.get("train_runtime"), "wall_time_s": wall}
 
 
 def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict:
@@ -632,7 +632,7 @@ def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict
     if method == "base":  # the pretrained model as it is: evaluated, nothing trained
         model = model.to(args.device)
         trained = {"model": model, "trainer": None, "selection": "none (not trained)", "select_metric": None,
-                   "selected_step": 0, "steps": 0, "history": [], "train_runtime_s": 0.0}
+                   "selected_step": 0, "steps": 0, "history": [], "train_runtime_s": 0.0, "wall_time_s": 0.0}
     else:
         trained = train(model, splits, collator, tokenizer, method, fraction, resume, args)
     model, trainer = trained.pop("model"), trained.pop("trainer")

@@ -41,6 +41,7 @@ from glue_tasks import TASK_NAMES, GlueTask, get_task  # noqa: E402
 from grid import FINAL_CLEANUP, remove_matching  # noqa: E402
 from modeling import POOLINGS, load_classifier  # noqa: E402
 from run_common import (  # noqa: E402
+    CsvLogCallback,
     RunError,
     first_line,
     flat_config,
@@ -325,7 +326,7 @@ def run_phase(plan: Plan, run_args: RunArguments, args: BiDoRATrainingArguments,
                 else "the model is selected on it; --upper_fraction 0 (or --heldout_fraction 0) trains on all of train")
         print(f"holding out {fraction:.0%} of train ({len(trainer.upper_dataset)} of "
               f"{len(plan.data['train'])} examples) as the heldout split: {role}", flush=True)
-    log = rh.CsvLogCallback(out / "log.csv", name, offset)
+    log = CsvLogCallback(out / "log.csv", name, offset)
     selector = None
     if search and plan.selection != "final":
         selector = rh.SelectionCallback("eval_" + trainer.args.metric_for_best_model, plan.trainable, plan.greater)

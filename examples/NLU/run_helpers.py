@@ -1,5 +1,5 @@
 """What ``run_glue.py`` needs around ``loralib.BiDoRATrainer``: the ``--config`` YAML defaults, the output folder and
-checkpoint checks, ``TrainerCallback``s (model selection, weight snapshots, ``log.csv``, the DoRA norm cache) and
+checkpoint checks, ``TrainerCallback``s (model selection, weight snapshots, the DoRA norm cache) and
 results helpers. What run_ner.py and run_clm.py use too is in examples/run_common.py (``RunError``, imported here, is
 that module's).
 
@@ -12,16 +12,13 @@ to the run too.
 
 from __future__ import annotations
 
-import csv
 import difflib
 import importlib.metadata
-import io
 import json
 import math
 import platform
 import re
 import resource
-import time
 import zipfile
 from pathlib import Path
 
@@ -387,53 +384,6 @@ class SnapshotCallback(TrainerCallback):
             else:
                 loralib.save_target_weights(self.model, self.directory / f"step_{step}" / "target_weights.safetensors",
                                             self.modules)
-
-
-class CsvLogCallback(TrainerCallback):
-    """``log.csv``: one row per training log (losses, learning rates) with the phase and the run's elapsed seconds,
-    counted over resumptions; on resumption the rows past the checkpoint are dropped."""
-
-    FIELDS = ["step", "phase", "loss", "upper_loss", "learning_rate", "upper_learning_rate", "grad_norm", "elapsed_s"]
-    PHASES = ("search", "retrain")
-
-    def __init__(self, path: Path, phase: str, offset: int) -> None:
-        self.path, self.phase, self.offset = path, phase, offset
-        self.base, self.start = 0.0, time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        return self.base + time.perf_counter() - self.start
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-        if not state.is_world_process_zero:
-            return
-        rows = []
-        if self.path.is_file():
-            with open(self.path, newline="", encoding="utf-8") as f:
-                order = self.PHASES.index(self.phase)
-                rows = [r for r in csv.DictReader(f) if self.PHASES.index(r["phase"]) < order
-                        or (r["phase"] == self.phase and int(r["step"]) <= self.offset + state.global_step)]
-        self.base = float(rows[-1]["elapsed_s"]) if rows else 0.0
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.path, text.getvalue())
-
-    def _row(self, state, logs: dict) -> None:
-        row = {k: logs.get(k, "") for k in self.FIELDS}
-        row.update(step=self.offset + state.global_step, phase=self.phase, elapsed_s=round(self.elapsed, 3))
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "loss" in logs:
-            self._row(state, logs)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self._row(state, {})  # the phase's end: its wall time (utils/report.py reads the search phase's)
 
 
 # ---- results ------------------------------------------------------------------------------------------------------
