@@ -14,10 +14,11 @@ Without ``--methods`` the runner's config decides the method and runs go to ``OU
 
 Protocols (the per-method flags; ``method_flags``):
 
-* ``all-of-train`` (the small-data protocol of the demo, the ACP run and the study): ft / LoRA / DoRA train on all of
-  train (``--upper_fraction 0``, no retraining) and report the final model; BiDoRA searches on 80/20 and, with
+* ``all-of-train`` (the small-data protocol of the demo, the ACP run and the study; E2E): ft / LoRA / DoRA train on
+  all of train (``--upper_fraction 0``, no retraining) and report the final model; BiDoRA searches on 80/20 and, with
   ``--retrain-steps``, retrains a fresh direction on all of train with the magnitudes frozen (the reported model).
-* ``held-out`` (the ESM-2 scripts, NER): every method trains on the lower split and is selected on the held-out
+  run_ner.py and run_clm.py have no retraining phase (``WITHOUT_RETRAINING``): their BiDoRA reports its searched model.
+* ``held-out`` (the ESM-2 scripts, NER, SmolLM2): every method trains on the lower split and is selected on the held-out
   split (the runner's ``--upper_fraction``); BiDoRA retrains when ``--retrain-steps`` is given.
 
 Finished runs (a ``results.json`` in the run's folder): ``--finished skip`` (default) leaves them (completing a
@@ -48,19 +49,22 @@ from pathlib import Path
 
 from loralib.files import atomic_write_text
 
-__all__ = ["ALL_OF_TRAIN", "METHODS", "PROTOCOLS", "ProcessResult", "Run", "method_flags", "plan_grid",
-           "run_grid", "run_process", "main"]
+__all__ = ["ALL_OF_TRAIN", "METHODS", "PROTOCOLS", "WITHOUT_RETRAINING", "ProcessResult", "Run", "method_flags",
+           "plan_grid", "run_grid", "run_process", "main"]
 
 METHODS = ("ft", "lora", "dora", "bidora")
 PROTOCOLS = ("all-of-train", "held-out")
 # A baseline of the small-data protocol: no held-out split, no retraining phase (train on all of train, report the
 # final model). The study's cells record these flags verbatim (cell.json "plan_flags"): keep their order.
 ALL_OF_TRAIN = ("--upper_fraction", "0", "--retrain_max_steps", "0")
+# The runners without BiDoRA's retraining phase (no --retrain_max_steps option): their baselines under all-of-train
+# get only "--upper_fraction 0", and --retrain-steps is refused for them.
+WITHOUT_RETRAINING = ("run_ner.py", "run_clm.py")
 
 
 def method_flags(method: str, protocol: str = "all-of-train", *, steps: int | None = None,
                  search_steps: int | None = None, retrain_steps: int | None = None,
-                 ft_lr: str | None = None, adapter_lr: str | None = None) -> list[str]:
+                 ft_lr: str | None = None, adapter_lr: str | None = None, retraining: bool = True) -> list[str]:
     """The runner flags that make ``method`` under ``protocol`` (the only place they are written).
 
     Args:
@@ -70,17 +74,20 @@ def method_flags(method: str, protocol: str = "all-of-train", *, steps: int | No
         search_steps: BiDoRA's bi-level steps, when they differ from the baselines' ``steps``.
         retrain_steps: BiDoRA's retraining steps (``--retrain_max_steps``); None: the config's.
         ft_lr / adapter_lr: ``--learning_rate`` of full fine-tuning / of the adapter methods; None: the config's.
+        retraining: the runner has BiDoRA's retraining phase (run_glue.py); False for run_ner.py and run_clm.py.
 
     Raises:
-        ValueError: an unknown method or protocol.
+        ValueError: an unknown method or protocol; ``retrain_steps`` for a runner without retraining.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+    if retrain_steps is not None and not retraining:
+        raise ValueError("--retrain-steps: this runner has no retraining phase (only run_glue.py has one)")
     flags: list[str] = []
     if method != "bidora" and protocol == "all-of-train":
-        flags += ALL_OF_TRAIN
+        flags += ALL_OF_TRAIN if retraining else ALL_OF_TRAIN[:2]
     max_steps = search_steps if method == "bidora" and search_steps is not None else steps
     if max_steps is not None:
         flags += ["--max_steps", str(max_steps)]
@@ -367,9 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if clash:
             raise ValueError(f"{', '.join(clash)} after -- would override every run's own value: use --seeds / --out"
                              f"{' / --methods' if methods else ''} instead")
+        retraining = args.runner.name not in WITHOUT_RETRAINING
         known = [m for m in (methods or []) if m not in once]
-        for m in known:
-            method_flags(m, args.protocol)  # validates
+        for m in known:  # validates
+            method_flags(m, args.protocol, retrain_steps=args.retrain_steps, retraining=retraining)
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         if not args.runner.is_file():
@@ -379,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if method in once:
                 return []
             return method_flags(method, args.protocol, steps=args.steps, search_steps=args.search_steps,
-                                retrain_steps=args.retrain_steps, ft_lr=args.ft_lr, adapter_lr=args.adapter_lr)
+                                retrain_steps=args.retrain_steps, ft_lr=args.ft_lr, adapter_lr=args.adapter_lr,
+                                retraining=retraining)
 
         runs = plan_grid(args.out, methods, seeds, flags_of, once, args.order)
     except ValueError as err:

@@ -78,6 +78,30 @@ def test_the_study_baseline_flags_are_the_recorded_ones():
     assert bidora[i:i + 2] == grid.method_flags("bidora", retrain_steps=int(bidora[i + 1]))
 
 
+@pytest.mark.parametrize("script", ["NER/run_ner.py", "NLG/run_clm.py"])
+def test_runners_without_retraining_accept_their_all_of_train_flags(script, tmp_path, capsys):
+    """run_ner.py and run_clm.py have no --retrain_max_steps: the grid leaves it out for them (their own parsers are
+    the reference) and refuses --retrain-steps with a sentence."""
+    runner = ROOT / "examples" / script
+    assert runner.name in grid.WITHOUT_RETRAINING
+    module = __import__(runner.stem)
+    assert grid.main([str(runner), "--out", str(tmp_path), "--methods", "lora bidora", "--dry-run"]) == 0
+    commands = [line.split() for line in capsys.readouterr().out.splitlines() if str(runner) in line]
+    lora = commands[0][commands[0].index(str(runner)) + 1:]
+    assert lora[lora.index("--upper_fraction") + 1] == "0" and "--retrain_max_steps" not in lora
+    data = ["--train_file", str(tmp_path / "train.txt"), "--model_name_or_path", "m"]
+    args = module.parse_args([*lora, *data])[-1]
+    assert args.upper_fraction == 0
+    with pytest.raises(SystemExit):  # what the grid would have passed before: refused by the runner's parser
+        module.parse_args([*lora, "--retrain_max_steps", "0", *data])
+    assert "unrecognized arguments: --retrain_max_steps" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no retraining phase"):
+        grid.method_flags("bidora", retrain_steps=3, retraining=False)
+    assert grid.main([str(runner), "--out", str(tmp_path), "--methods", "bidora", "--retrain-steps", "3",
+                      "--dry-run"]) == 2
+    assert "no retraining phase" in capsys.readouterr().err
+
+
 def test_bad_methods_protocols_and_lists_are_sentences():
     with pytest.raises(ValueError, match="unknown method 'qlora'"):
         grid.method_flags("qlora")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +278,50 @@ def test_run_ner_resumes_an_unfinished_run(assets, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 4]  # rows past the checkpoint dropped; the end's row
     first_part = float(rows[1]["elapsed_s"])
     assert first_part > 0 and again["wall_time_s"] >= first_part + again["train_runtime_s"] * 0.5
+
+
+# ---- the paper-task scripts (examples/NER/scripts) ---------------------------------------------------------------
+def run_script(name: str, env: dict, *extra) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(ROOT / "examples" / "NER" / "scripts" / name), *map(str, extra)], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_paper_task_script_dry_run_plans_the_grid(assets, tmp_path):
+    proc = run_script("roberta_large_jnlpba.sh", {"DRY_RUN": "1", "SEEDS": "3 4", "OUTPUT_ROOT": str(tmp_path)},
+                      "--logging_steps", 7)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line for line in proc.stdout.splitlines() if "run_ner.py" in line]
+    out = tmp_path / "roberta_large_jnlpba"
+    assert [(r.split("--method ")[1].split()[0], r.split("--seed ")[1].split()[0]) for r in runs] == [
+        (m, s) for s in ("3", "4") for m in ("lora", "dora", "bidora", "ft")]
+    for r in runs:  # the script's settings (large: adapter lr 3e-4, ft lr 1e-5, batch 16), the extra argument last
+        lr = "1e-5" if "--method ft" in r else "3e-4"
+        assert f"--learning_rate {lr}" in r and "--per_device_train_batch_size 16" in r and "roberta-large" in r
+        assert f"--output_dir {out}/" in r and r.endswith("--logging_steps 7")
+    assert "utils/report.py" in proc.stdout and f"{out}/summary.md" in proc.stdout
+    assert not out.exists()  # nothing run
+
+
+def test_paper_task_script_runs_skips_finished_runs_and_summarises(assets, tmp_path):
+    model, files = assets
+    env = {"SEEDS": "0", "METHODS": "lora ft", "OUTPUT_ROOT": str(tmp_path), "MODEL_NAME_OR_PATH": str(model),
+           "TRAIN_FILE": str(files["train"]), "VALIDATION_FILE": str(files["validation"]),
+           "TEST_FILE": str(files["test"])}
+    small = ["--max_steps", 2, "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps",
+             "--save_steps", 2, "--per_device_train_batch_size", 8, "--max_seq_length", 48, "--use_cpu",
+             "--disable_tqdm", "true", "--report_to", "none"]
+    first = run_script("roberta_base_conll2003.sh", env, *small)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "roberta_base_conll2003"
+    results = {m: json.loads((out / m / "seed0" / "results.json").read_text()) for m in ("lora", "ft")}
+    assert results["lora"]["config"]["learning_rate"] == 5e-4 and results["ft"]["config"]["learning_rate"] == 3e-5
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["label"]: r["values"] for r in summary["rows"]} == {
+        m: [results[m]["eval"]["test"]["f1"]] for m in ("lora", "ft")}
+    assert (out / "summary.png").stat().st_size > 0
+    # The same command again (as after a crash): the finished runs are skipped, not refused, and nothing changes.
+    mtime = (out / "lora" / "seed0" / "results.json").stat().st_mtime_ns
+    again = run_script("roberta_base_conll2003.sh", env, *small)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "lora" / "seed0" / "results.json").stat().st_mtime_ns == mtime

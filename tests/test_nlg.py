@@ -4,16 +4,27 @@ plain LlamaForCausalLM rebuild on a tiny GGUF written with the gguf library (no 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 import loralib
 from tests.helpers import bpe_tokenizer
@@ -491,3 +502,48 @@ def test_gguf_rebuild_gives_the_original_model(tmp_path):
         prepare_smollm2.prepare(out, other)
     with pytest.raises(prepare_smollm2.PrepareError, match="no such GGUF"):
         prepare_smollm2.prepare(tmp_path / "x", tmp_path / "missing.gguf")
+
+
+# ---- e2e_gpt2_medium.sh on a tiny GPT-2 ---------------------------------------------------------------------------
+@pytest_metrics
+def test_e2e_script_runs_the_grid_skips_finished_runs_and_reports_bleu(tmp_path):
+    """The script end to end (the challenge's CSV layout, E2E_DIR): LoRA on all of train and BiDoRA on 80%, scores of
+    every test MR in eval.test, the summary table read from them; run again, the finished runs are skipped."""
+    tokenizer = tiny_tokenizer()
+    model_dir = tmp_path / "gpt2"
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=640,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(model_dir)
+    data = tmp_path / "e2e"
+    data.mkdir()
+    for name, n, seed in (("trainset", 24, 1), ("devset", 4, 2), ("testset_w_refs", 5, 3)):
+        with open(data / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["mr", "ref"])
+            writer.writerows([r["meaning_representation"], r["human_reference"]] for r in e2e_rows(n, seed))
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "SEEDS": "0",
+           "METHODS": "lora bidora", "MODEL": str(model_dir), "E2E_DIR": str(data), "OUTPUT_ROOT": str(tmp_path)}
+    small = ["--max_steps", 2, "--warmup_steps", 0, "--per_device_train_batch_size", 4, "--num_beams", 2,
+             "--max_new_tokens", 6, "--use_cpu", "--disable_tqdm", "true", "--report_to", "none"]
+    script = ["bash", str(ROOT / "examples" / "NLG" / "e2e_gpt2_medium.sh"), *map(str, small)]
+    proc = subprocess.run(script, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "e2e_gpt2_medium"
+    results = {m: json.loads((out / m / "seed0" / "results.json").read_text()) for m in ("lora", "bidora")}
+    test_mrs = {r["meaning_representation"] for r in e2e_rows(5, 3)}
+    for r in results.values():
+        assert r["generation"]["inputs"] == len(test_mrs) and r["generation"]["num_beams"] == 2
+        for key in e2e_metrics.SCORES:  # every test MR generated: the scores sit beside the test loss
+            assert r["eval"]["test"][key] == r["generation"]["metrics"][key]
+    assert "heldout" not in results["lora"]["data_sizes"] and results["lora"]["selection"] == "final"  # all of train
+    assert results["bidora"]["data_sizes"]["heldout"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "bleu" and summary["display_scale"] == 1.0
+    assert {r["label"]: r["values"] for r in summary["rows"]} == {
+        m: [results[m]["eval"]["test"]["bleu"]] for m in ("lora", "bidora")}
+    assert "0-100, higher is better" in (out / "summary.md").read_text()
+    mtime = (out / "lora" / "seed0" / "results.json").stat().st_mtime_ns
+    again = subprocess.run(script, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "lora" / "seed0" / "results.json").stat().st_mtime_ns == mtime

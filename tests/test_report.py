@@ -191,6 +191,44 @@ def test_mse_is_shown_raw(tmp_path):
     assert "lower is better" in md
 
 
+def test_language_model_and_generation_metrics_keep_their_units(tmp_path):
+    """run_clm.py writes loss and perplexity (raw, lower is better) and e2e_metrics' BLEU / ROUGE-L on 0-100 and NIST
+    raw: each is read as written, none refused as "not a fraction"; a BLEU outside 0-100 is refused."""
+    ppl, bleu, nist = {"lora": [43.15, 44.02], "dora": [43.13, 43.61]}, {"lora": [61.2, 63.0], "dora": [62.5, 63.9]}, \
+        {"lora": [7.91, 8.02], "dora": [8.10, 8.05]}
+    for m in ("lora", "dora"):
+        for s in (0, 1):
+            write_run(tmp_path, m, s, {"loss": math.log(ppl[m][s]), "perplexity": ppl[m][s], "bleu": bleu[m][s],
+                                       "nist": nist[m][s], "rougeL": 70.0 + s}, paper_metric=None, select_metric="loss")
+    runs = results.load_runs(tmp_path)
+    table = method_report.method_table(runs, metric="perplexity", extra_metrics=["bleu", "nist", "rougeL"],
+                                       compare=[("dora", "lora")])
+    md = method_report.method_markdown(table)
+    assert "(raw, lower is better)" in md
+    assert f"{statistics.mean(ppl['lora']):.4f} ± {statistics.stdev(ppl['lora']):.4f}" in md
+    assert f"{statistics.mean(bleu['dora']):.2f} ± {statistics.stdev(bleu['dora']):.2f}" in md  # BLEU as written
+    assert f"{statistics.mean(nist['lora']):.4f}" in md
+    dora_minus_lora = statistics.mean(np.subtract(ppl["dora"], ppl["lora"]))
+    assert f"{dora_minus_lora:+.4f}" in md
+    bleu_table = method_report.method_table(runs, metric="bleu")
+    assert "(0-100, higher is better)" in method_report.method_markdown(bleu_table)
+    assert method_report.method_json(bleu_table)["display_scale"] == 1.0
+    write_run(tmp_path / "bad", "lora", 0, {"bleu": 0.6 * 100 + 50})
+    with pytest.raises(ValueError, match="outside 0-100"):
+        method_report.method_table(results.load_runs(tmp_path / "bad"), metric="bleu")
+
+
+def test_heading_names_the_model_not_where_it_is_kept(tmp_path):
+    d = write_run(tmp_path, "lora", 0, {"accuracy": 0.8})
+    raw = json.loads((d / "results.json").read_text())
+    raw["model"] = "/home/u/.venv/lib/python3.11/site-packages/pkg/all-MiniLM-L6-v2/"
+    (d / "results.json").write_text(json.dumps(raw))
+    table = method_report.method_table(results.load_runs(tmp_path))
+    assert method_report.method_markdown(table).startswith("### toy — all-MiniLM-L6-v2\n")
+    assert method_report.method_json(table)["model"] == raw["model"]  # the JSON keeps where it was
+    assert method_report.model_name("FacebookAI/roberta-base") == "roberta-base"
+
+
 def test_bad_input_is_refused(tmp_path):
     write_run(tmp_path / "a", "lora", 0, {"accuracy": 0.8})
     write_run(tmp_path / "b", "lora", 0, {"accuracy": 0.7})

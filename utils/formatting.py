@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from utils.results import RAW_METRICS
+from utils.results import POINT_METRICS, RAW_METRICS
 from utils.stats import PairedTest
 
 DASH, EN_DASH = "—", "–"
@@ -18,17 +18,22 @@ def number(x: float | None, decimals: int, signed: bool = False, missing: str = 
 
 
 def display_scale(metric: str) -> float:
-    """100 for fractions shown in percent, 1 for MSE-like metrics."""
-    return 1.0 if metric in RAW_METRICS else 100.0
+    """100 for fractions shown in percent, 1 for raw metrics (MSE-like, loss, perplexity) and 0-100 ones (BLEU)."""
+    return 1.0 if metric in RAW_METRICS or metric in POINT_METRICS else 100.0
+
+
+def metric_unit(metric: str) -> str:
+    """How a metric is shown: ``"%"`` (a fraction), ``"0-100"`` (BLEU, ROUGE-L) or ``"raw"``."""
+    return "0-100" if metric in POINT_METRICS else "raw" if metric in RAW_METRICS else "%"
 
 
 def metric_number(metric: str, value: float | None, signed: bool = False, scaled: bool = False) -> str:
-    """A value of ``metric`` in display units (percent with 2 decimals, MSE-like raw with 4); ``scaled``: already
-    in display units. None is a dash, NaN / inf are written out."""
+    """A value of ``metric`` in display units (percent and 0-100 metrics with 2 decimals, raw ones with 4);
+    ``scaled``: already in display units. None is a dash, NaN / inf are written out."""
     if value is None or not math.isfinite(value):
         return DASH if value is None else str(value)
     scale = display_scale(metric)
-    return number(value if scaled else value * scale, 2 if scale == 100 else 4, signed)
+    return number(value if scaled else value * scale, 4 if metric_unit(metric) == "raw" else 2, signed)
 
 
 def mean_std(mean: float, std: float | None, n: int, show: Callable[[float], str] = lambda v: f"{v:.2f}",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from utils.figures import pyplot, save_figure
-from utils.formatting import DASH, display_scale, mean_std, metric_number, p_text, size_bytes, table_row
+from utils.formatting import DASH, display_scale, mean_std, metric_number, metric_unit, p_text, size_bytes, table_row
 from utils.paper_results import normalise_method, normalise_task
 from utils.results import LOWER_IS_BETTER, Run, metric_value, phase_ends, search_only_value
 from utils.stats import MIN_PAIRS_FOR_5_PERCENT, PairedTest, Series, mean_and_sample_std, median, paired_differences
@@ -148,11 +148,17 @@ def _values(metric: str, values: list[float]) -> str:
     return mean_std(*mean_and_sample_std(values), len(values), lambda v: metric_number(metric, v), count="n=")
 
 
+def model_name(model: str) -> str:
+    """The last part of a hub id or local path ('/x/venv/.../all-MiniLM-L6-v2' -> 'all-MiniLM-L6-v2'): headings name
+    the model, not where a machine keeps it. The JSON summary keeps the whole string."""
+    return Path(model.rstrip("/")).name or model
+
+
 def method_markdown(table: MethodTable) -> str:
     """The method table as markdown, with the paired differences and notes on selection and missing seeds."""
     m = table.metric
-    unit, better = ("%" if display_scale(m) == 100 else "raw"), ("lower" if m in LOWER_IS_BETTER else "higher")
-    lines = [f"### {table.task} — {table.model}", "",
+    unit, better = metric_unit(m), ("lower" if m in LOWER_IS_BETTER else "higher")
+    lines = [f"### {table.task} — {model_name(table.model)}", "",
              f"Metric: `{m}` on `{table.split}` ({unit}, {better} is better); mean ± sample std over seeds.", ""]
     head = ["method", f"{m} ({table.split})", *table.extra_metrics, "seeds", "trainable params",
             "wall time (median)", "peak memory (median)", "missing seeds"]
@@ -204,8 +210,8 @@ def method_json(table: MethodTable) -> dict[str, Any]:
     return {"task": table.task, "model": table.model, "split": table.split, "metric": table.metric,
             "display_scale": display_scale(table.metric), "extra_metrics": table.extra_metrics,
             "expected_seeds": table.expected_seeds, "missing": table.missing, "rows": rows, "files": table.files,
-            "pairs": [{"a": a, "b": b, "seeds": s, "units": "percent points" if display_scale(table.metric) == 100
-                       else "raw", **vars(t)} for a, b, s, t in table.pairs]}
+            "pairs": [{"a": a, "b": b, "seeds": s, "units": {"%": "percent points", "0-100": "points"}.get(
+                       metric_unit(table.metric), "raw"), **vars(t)} for a, b, s, t in table.pairs]}
 
 
 def plot_methods(table: MethodTable, path, title: str | None = None) -> Path:
@@ -227,9 +233,10 @@ def plot_methods(table: MethodTable, path, title: str | None = None) -> Path:
     lo, hi = float(np.nanmin(all_vals)), float(np.nanmax(all_vals))
     pad = max((hi - lo) * 0.3, abs(hi) * 0.02, 1e-3)
     ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)  # bars start near the data, not at 0
-    ax.set_ylabel(f"{table.metric} on {table.split}" + (" (%)" if scale == 100 else ""))
+    unit = {"%": " (%)", "0-100": " (0-100)"}.get(metric_unit(table.metric), "")
+    ax.set_ylabel(f"{table.metric} on {table.split}{unit}")
     ax.set_xlabel("method (bars: mean ± sample std; dots: seeds)")
-    ax.set_title(title or f"{table.task} — {Path(table.model).name or table.model}", fontsize=10)
+    ax.set_title(title or f"{table.task} — {model_name(table.model)}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)

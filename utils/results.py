@@ -16,8 +16,12 @@ from pathlib import Path
 from utils.paper_results import normalise_method
 
 RESULTS_NAME = "results.json"
-RAW_METRICS = frozenset({"mse", "neg_mse", "rmse", "mae", "loss"})  # shown raw; every other metric is a fraction
-LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss"})
+# What each metric name our runners write means. Every metric not named here is a fraction in [-1, 1], shown in
+# percent. Unbounded metrics are shown raw: MSE-like, run_clm's loss and perplexity, e2e_metrics' NIST. BLEU and
+# ROUGE-L are written on sacrebleu's 0-100 scale (e2e_metrics.py), shown as they are.
+RAW_METRICS = frozenset({"mse", "neg_mse", "rmse", "mae", "loss", "perplexity", "nist"})
+POINT_METRICS = frozenset({"bleu", "rougeL", "rougeL_f1_max"})
+LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "perplexity"})
 SHARED_FRACTION = 0.8  # CPU seconds per wall second below this fraction of the host's best: shared with other work
 SEARCH = "search"  # suffix of the search-only row of a BiDoRA arm: "<arm>:search"
 
@@ -100,8 +104,12 @@ def metric_value(run: Run, split: str, metric: str) -> float:
 
 
 def check_fraction(path: str, metric: str, value: float) -> float:
-    """``value``, or ValueError when a fraction metric is above 1 in absolute value (percent written by mistake)."""
-    if metric not in RAW_METRICS and math.isfinite(value) and abs(value) > 1.0:
+    """``value``, or ValueError when a fraction metric is above 1 in absolute value (percent written by mistake) or
+    a 0-100 metric (:data:`POINT_METRICS`) is outside [0, 100]. :data:`RAW_METRICS` are not checked."""
+    if metric in POINT_METRICS:
+        if math.isfinite(value) and not 0.0 <= value <= 100.0:
+            raise ValueError(f"{path}: {metric} = {value} is outside 0-100")
+    elif metric not in RAW_METRICS and math.isfinite(value) and abs(value) > 1.0:
         raise ValueError(f"{path}: {metric} = {value} is not a fraction (percent written by mistake?)")
     return value
 

@@ -24,7 +24,8 @@
 #     loralib adapts c_attn (a Conv1D) as a whole with one rank-4 update, which reaches q, k and v. The trainable
 #     parameter count is the same (24 x 4 x (1024 + 3072) = 393,216), the parametrisation is not.
 #   * BiDoRA holds out 20% of the training MRs (whole MR groups) for its upper level; LoRA and DoRA train on all of
-#     train (--heldout_fraction 0), as in the paper. Every method reports its final model (no selection).
+#     train (--upper_fraction 0: examples/grid.py's all-of-train protocol), as in the paper. Every method reports
+#     its final model (no selection).
 #   * metrics: BLEU by sacrebleu (13a tokens, lowercased), NIST by nltk, ROUGE-L by rouge-score with the COCO
 #     evaluator's rule; the official e2e-metrics scripts tokenise differently: compare systems scored here only.
 #
@@ -34,9 +35,10 @@
 # (columns mr, ref).
 #
 # Environment: SEEDS (default "0 1 2"), METHODS (default "lora dora bidora"), MODEL (default gpt2-medium, or a local
-# copy), E2E_DIR, LENGTH_PENALTY (0.9), OUTPUT_ROOT (default <repo>/runs/nlg), PYTHON (see examples/python.sh).
-# Extra arguments go to run_clm.py and override the settings. An unfinished run is resumed by the same command; a
-# finished one is refused (--overwrite_output_dir). Needs sacrebleu, nltk and rouge-score for the scores.
+# copy), E2E_DIR, LENGTH_PENALTY (0.9), OUTPUT_ROOT (default <repo>/runs/nlg), PYTHON (see examples/python.sh),
+# OVERWRITE=1 (redo finished runs; default: skipped), DRY_RUN=1 (print the commands). Extra arguments go to
+# run_clm.py and override the settings. An unfinished run is resumed by the same command. At the end:
+# OUTPUT_ROOT/e2e_gpt2_medium/summary.{md,json,png}. Needs sacrebleu, nltk and rouge-score for the scores.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -60,19 +62,26 @@ fi
 echo "== E2E NLG, $MODEL, methods: $METHODS, seeds: $SEEDS"
 echo "   the LoRA paper's E2E settings (not the BiDoRA paper's): lr 2e-4, 5 epochs, batch 8, r 4, alpha 32, beam 10"
 echo "   outputs: $OUT/<method>/seed<N>"
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    split=(--heldout_fraction 0)
-    [[ "$method" == bidora ]] && split=(--upper_fraction 0.2 --hypergradient darts)
-    echo "-- e2e $method seed $seed"
-    "${PY[@]}" "$HERE/run_clm.py" --model_name_or_path "$MODEL" "${DATA[@]}" --linearize_e2e_mr --format plain \
-      --method "$method" --lora_r 4 --lora_alpha 32 --lora_dropout 0.1 --target_modules c_attn \
-      --learning_rate 2e-4 --weight_decay 0.01 --adam_beta1 0.9 --adam_beta2 0.999 --lr_scheduler_type linear \
-      --warmup_steps 500 --num_train_epochs 5 --per_device_train_batch_size 8 --per_device_eval_batch_size 16 \
-      --max_grad_norm 0 --label_smoothing_factor 0.1 --max_seq_length 512 "${split[@]}" \
-      --eval_strategy no --save_strategy epoch --load_best_model_at_end false --logging_steps 100 \
-      --num_generations -1 --generation_split test --num_beams 10 --length_penalty "$LENGTH_PENALTY" \
-      --no_repeat_ngram_size 4 --repetition_penalty 1.0 --max_new_tokens 64 --generation_batch_size 8 \
-      --generation_metrics --seed "$seed" --output_dir "$OUT/$method/seed$seed" "$@"
-  done
-done
+# LoRA and DoRA train on all of train and report their final model; BiDoRA holds out 20% of the training MRs (the
+# defaults --upper_fraction 0.2, --hypergradient darts) for its magnitudes: examples/grid.py, protocol all-of-train.
+# A finished run is skipped (OVERWRITE=1 redoes it), an unfinished one resumes from its last epoch checkpoint.
+grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --python "${PY[*]}")
+run=()
+[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")
+"${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" "${grid[@]}" -- \
+  --model_name_or_path "$MODEL" "${DATA[@]}" --linearize_e2e_mr --format plain \
+  --lora_r 4 --lora_alpha 32 --lora_dropout 0.1 --target_modules c_attn \
+  --learning_rate 2e-4 --weight_decay 0.01 --adam_beta1 0.9 --adam_beta2 0.999 --lr_scheduler_type linear \
+  --warmup_steps 500 --num_train_epochs 5 --per_device_train_batch_size 8 --per_device_eval_batch_size 16 \
+  --max_grad_norm 0 --label_smoothing_factor 0.1 --max_seq_length 512 \
+  --eval_strategy no --save_strategy epoch --load_best_model_at_end false --logging_steps 100 \
+  --num_generations -1 --generation_split test --num_beams 10 --length_penalty "$LENGTH_PENALTY" \
+  --no_repeat_ngram_size 4 --repetition_penalty 1.0 --max_new_tokens 64 --generation_batch_size 8 \
+  --generation_metrics "$@"
+
+# BLEU, NIST and ROUGE-L of every finished run under OUT (every test MR generated: results.json eval.test).
+# shellcheck disable=SC2086  # word splitting normalises the lists
+"${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric bleu --extra-metrics nist,rougeL,loss \
+  --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" \
+  --json "$OUT/summary.json" --figure "$OUT/summary.png" --title "E2E NLG test BLEU, $(basename "$MODEL")"

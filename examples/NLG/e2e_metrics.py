@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROUGE_BETA = 1.2  # the COCO caption evaluator's (and so the E2E script's) ROUGE-L beta
 NIST_ORDER = 5
+SCORES = ("bleu", "nist", "rougeL", "rougeL_f1_max")  # the scores score_all returns (BLEU, ROUGE-L 0-100; NIST raw)
 REQUIREMENTS = {"sacrebleu": "sacrebleu", "nltk": "nltk", "rouge_score": "rouge-score"}
 NOT_COMPUTED = {
     "METEOR": "needs the METEOR 1.5 Java jar (or, for nltk's approximation, the WordNet corpus download)",
@@ -142,7 +143,7 @@ def score_all(hypotheses: Sequence[str], references: Sequence[Sequence[str]], lo
     result.update(rouge_l(hypotheses, references))
     result.update(inputs=len(hypotheses), references=sum(len(r) for r in references), lowercase=lowercase,
                   not_computed=dict(NOT_COMPUTED))
-    for key in ("bleu", "nist", "rougeL", "rougeL_f1_max"):
+    for key in SCORES:
         if not math.isfinite(result[key]):
             raise MetricsError(f"{key} is not finite ({result[key]})")
     return result

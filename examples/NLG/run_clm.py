@@ -655,6 +655,10 @@ def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict
                       "num_beams": gen_args.num_beams, "seconds": round(time.perf_counter() - started, 1)}
         if gen_args.generation_metrics:
             generation["metrics"] = e2e_metrics.score_all(texts, references)
+            # Scores of the whole split sit beside its loss, where utils/report.py reads them (--metric bleu); scores
+            # of the first N prompts only stay in "generation", so that no table mistakes them for the split's.
+            if len(texts) == len(nlg_data.group_references(splits[gen_split][1])[0]) and gen_split in results_eval:
+                results_eval[gen_split].update({k: generation["metrics"][k] for k in e2e_metrics.SCORES})
         if args.process_index == 0:
             lines = [json.dumps({"prompt": p if p is not None else prefix, "generation": t, "references": r},
                                 ensure_ascii=False)

@@ -32,8 +32,10 @@
 # without training, once), MAX_STEPS (200), LR (5e-4), JOBS (2 runs at a time), THREADS (1 per run), BASE_DTYPE
 # (float32 | bfloat16 | auto), SPLIT_SEED (0), MODEL_DIR (default
 # <repo>/runs/nlg/smollm2-135m-instruct, built on first use), OUTPUT_ROOT (default <repo>/runs/nlg), PYTHON (see
-# examples/python.sh). Extra arguments go to run_clm.py and override the settings. An unfinished run is resumed by the
-# same command; a finished one is skipped (delete its folder to redo it). With JOBS > 1 each run logs to <run folder>.log.
+# examples/python.sh), OVERWRITE=1 (redo finished runs; default: skipped), DRY_RUN=1 (prepare the model and the
+# data, then print the run commands). Extra arguments go to run_clm.py and override the settings. An unfinished run
+# is resumed by the same command. With JOBS > 1 each run logs to <run folder>.log. At the end:
+# OUTPUT_ROOT/smollm2_rotten_tomatoes/summary.{md,json,png} (utils/report.py: test perplexity and loss).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -95,8 +97,12 @@ if (( JOBS > 1 )); then
   for m in $METHODS; do [[ "$m" == bidora ]] || methods+=" $m"; done
   [[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"
 fi
-"${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" --out "$OUT" --methods "$methods" --seeds "$SEEDS" \
-  --order "$order" --once base --jobs "$JOBS" --threads "$THREADS" --protocol held-out --python "${PY[*]}" -- \
+grid=(--out "$OUT" --methods "$methods" --seeds "$SEEDS" --order "$order" --once base --jobs "$JOBS"
+      --threads "$THREADS" --protocol held-out --python "${PY[*]}")
+run=()
+[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")
+"${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" "${grid[@]}" -- \
   --model_name_or_path "$MODEL_DIR" \
   --train_file "$DATA/train.jsonl" --validation_file "$DATA/validation.jsonl" --test_file "$DATA/test.jsonl" \
   --format chat --system_prompt "You write short film reviews." --max_seq_length 96 --base_dtype "$BASE_DTYPE" \
@@ -106,3 +112,14 @@ fi
   --eval_strategy steps --eval_steps 100 --save_strategy steps --save_steps 100 --logging_steps 10 \
   --num_generations 8 --generation_split test --max_new_tokens 48 --use_cpu \
   --disable_tqdm true --report_to none "$@"
+
+# Test perplexity (and loss) of every finished trained run under OUT, mean ± std over seeds and paired differences.
+# "base" is evaluated once (the test split is the same for every seed): its numbers are in OUT/base/seed<first>.
+trained="$(for m in $METHODS; do [[ "$m" == base ]] || printf '%s,' "$m"; done)"
+if [[ -n "$trained" ]]; then
+  # shellcheck disable=SC2086  # word splitting normalises the list
+  "${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric perplexity --extra-metrics loss \
+    --methods "${trained%,}" --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" \
+    --json "$OUT/summary.json" --figure "$OUT/summary.png" \
+    --title "SmolLM2-135M-Instruct, Rotten Tomatoes: test perplexity"
+fi

@@ -7,7 +7,8 @@
 # measured yet (see examples/NER/README.md).
 #
 # Environment: SEEDS (default "0 1 2 3 4"), METHODS (default "lora dora bidora ft"), OUTPUT_ROOT (default
-# <repo>/runs/ner), PYTHON (see examples/python.sh), MODEL_NAME_OR_PATH (a local copy of the model). Local CoNLL
+# <repo>/runs/ner), PYTHON (see examples/python.sh), MODEL_NAME_OR_PATH (a local copy of the model), OVERWRITE=1
+# (redo finished runs; default: skipped), DRY_RUN=1 (print the commands). At the end: OUT/summary.{md,json,png}. Local CoNLL
 # files instead of the hub: TRAIN_FILE, VALIDATION_FILE, TEST_FILE. Extra arguments go to run_ner.py and override
 # the settings (e.g. --max_steps 100).
 set -euo pipefail
@@ -36,16 +37,23 @@ echo "   OUR settings (not the paper's, not tuned): r=8 alpha=16 on query/value,
 echo "   $EPOCHS epochs, batch $BATCH, max_seq_length $MAX_SEQ_LENGTH, warmup 6%, weight decay 0.01,"
 echo "   20% of train held out (BiDoRA's upper split; every method is selected on its entity F1)"
 echo "   outputs: $OUT/<method>/seed<N>"
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    lr="$ADAPTER_LR"
-    [[ "$method" == ft ]] && lr="$FT_LR"
-    echo "-- $NAME $method seed $seed"
-    "${PY[@]}" "$ROOT/examples/NER/run_ner.py" --model_name_or_path "$MODEL" "${data[@]}" --method "$method" \
-      --lora_r 8 --lora_alpha 16 --target_modules query value --learning_rate "$lr" --weight_decay 0.01 \
-      --warmup_steps 0.06 --lr_scheduler_type linear --num_train_epochs "$EPOCHS" \
-      --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size 64 --max_seq_length "$MAX_SEQ_LENGTH" \
-      --upper_fraction 0.2 --hypergradient darts --eval_strategy epoch --save_strategy epoch --logging_steps 50 \
-      --seed "$seed" --do_predict --output_dir "$OUT/$method/seed$seed" "$@"
-  done
-done
+# Every method trains on the lower 80% of train and is selected on its held-out entity F1 (examples/grid.py, protocol
+# held-out: full fine-tuning gets FT_LR, the adapters ADAPTER_LR). A finished run is skipped (OVERWRITE=1 redoes
+# it), an unfinished one resumes, a finished one whose recorded settings differ stops the grid with the reason.
+grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol held-out --ft-lr "$FT_LR" --adapter-lr "$ADAPTER_LR"
+      --python "${PY[*]}")
+run=()
+[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")
+"${PY[@]}" "$ROOT/examples/grid.py" "$ROOT/examples/NER/run_ner.py" "${grid[@]}" -- \
+  --model_name_or_path "$MODEL" "${data[@]}" --lora_r 8 --lora_alpha 16 --target_modules query value \
+  --weight_decay 0.01 --warmup_steps 0.06 --lr_scheduler_type linear --num_train_epochs "$EPOCHS" \
+  --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size 64 --max_seq_length "$MAX_SEQ_LENGTH" \
+  --upper_fraction 0.2 --hypergradient darts --eval_strategy epoch --save_strategy epoch --logging_steps 50 \
+  --do_predict "$@"
+
+# The table, the paired differences and the figure over every finished run under OUT (entity F1 on test).
+# shellcheck disable=SC2086  # word splitting normalises the lists
+"${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric f1 --extra-metrics precision,recall \
+  --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" \
+  --json "$OUT/summary.json" --figure "$OUT/summary.png" --title "$NAME: entity F1 (test)"

@@ -6,7 +6,8 @@
 # Environment: SEEDS (default "0 1 2 3 4"), METHODS (default "lora dora bidora ft"), OUTPUT_ROOT (default
 # <repo>/runs/ner), PYTHON; TRAIN_FILE / VALIDATION_FILE / TEST_FILE for local CoNLL files instead of the hub.
 # Extra arguments go to run_ner.py and override these settings (e.g. --max_steps 100). An unfinished run is resumed
-# by the same command; a finished one is refused (--overwrite_output_dir).
+# by the same command; a finished one is skipped (OVERWRITE=1 redoes it). DRY_RUN=1 prints the commands. At the end:
+# OUTPUT_ROOT/<name>/summary.{md,json,png} (utils/report.py).
 NAME=roberta_base_conll2003 MODEL=roberta-base DATASET=eriktks/conll2003 REVISION=refs/convert/parquet
 ADAPTER_LR=5e-4 FT_LR=3e-5 EPOCHS=10 BATCH=32 MAX_SEQ_LENGTH=256
 # shellcheck source=examples/NER/scripts/_paper_task.sh
