@@ -66,6 +66,9 @@ def raw_dataset(fmt: str, tokenizer, n: int = N_ROWS) -> Dataset:
                 for p, a in zip(prompts, answers)]
     elif fmt == "text":
         rows = [{"text": f"{p} {a}"} for p, a in zip(prompts, answers)]
+    elif fmt == "prompt_completion":  # TRL's conversational prompt-completion: the loss on the completion only
+        rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": a}]}
+                for p, a in zip(prompts, answers)]
     else:
         rows = [{"input_ids": tokenizer(f"{p} {a}").input_ids + [tokenizer.eos_token_id]}
                 for p, a in zip(prompts, answers)]
@@ -142,7 +145,7 @@ def columns(dataset: Dataset) -> dict[str, list]:
 
 @pytest.mark.parametrize("fmt, source, packing", [
     ("messages", "fraction", False), ("text", "fraction", False), ("input_ids", "fraction", False),
-    ("messages", "fraction", True), ("text", "upper_dataset", False)])
+    ("prompt_completion", "fraction", False), ("messages", "fraction", True), ("text", "upper_dataset", False)])
 def test_upper_rows_are_tokenised_as_sft_tokenises_train(tmp_path, tokenizer, fmt, source, packing):
     raw = raw_dataset(fmt, tokenizer)
     kw = {"packing": True, "eval_packing": False} if packing else {}  # the upper split follows packing, not eval's
@@ -166,6 +169,12 @@ def test_upper_rows_are_tokenised_as_sft_tokenises_train(tmp_path, tokenizer, fm
         assert "seq_lengths" not in trainer.eval_dataset["heldout"].column_names
     batch = trainer._model_columns(trainer.upper_dataset)
     assert set(batch.column_names) <= {"input_ids", "labels", "seq_lengths"}
+    if fmt == "prompt_completion":  # the prompt's tokens carry no loss, as in SFTTrainer's train rows
+        for row in trainer.upper_dataset:
+            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
+            n = len(prompt["input_ids"])
+            assert row["input_ids"][:n] == prompt["input_ids"] and set(row["labels"][:n]) == {-100}
+            assert row["labels"][n:] == row["input_ids"][n:]
 
 
 # ---- both levels train -----------------------------------------------------------------------------------------
