@@ -101,6 +101,24 @@ def parse_groups(parser: HfArgumentParser, argv: list[str] | None, no_adapter: C
     return groups, method
 
 
+def check_model_folder(name: str, option: str = "--model_name_or_path", needs_config: bool = True) -> Path:
+    """``name`` as a path, or a RunError when it names a local folder that is not a model folder: a file, an empty
+    folder, a folder without config.json (``needs_config``), or a path that does not exist. A local path is one that
+    exists, starts with ``.``, ``/`` or ``~``, or has more than one ``/`` (a hub id is ``name`` or ``org/name``);
+    anything else is left to the hub (and to the loader's own error when it is unreachable)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RunError(f"{option} {name} is a file, not a model folder")
+        if not any(path.iterdir()):
+            raise RunError(f"{option} {name} is an empty folder (expected config.json, weights and tokenizer files)")
+        if needs_config and not (path / "config.json").is_file():
+            raise RunError(f"{option} {name} has no config.json: not a transformers model folder")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RunError(f"{option} {name}: no such folder")
+    return path
+
+
 def held_out_fraction(method: str, args, unset_is_upper: bool = True) -> float:
     """The share of train held out as the ``heldout`` split, from ``loralib.BiDoRATrainingArguments`` ``args``.
 

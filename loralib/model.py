@@ -152,7 +152,7 @@ class AdapterSummary:
     def __str__(self) -> str:
         share = 100.0 * self.trainable_parameters / max(self.total_parameters, 1)
         return (
-            f"adapted {len(self.adapted_modules)} modules, kept {len(self.saved_modules)} trainable; "
+            f"adapted {len(self.adapted_modules)} modules, {len(self.saved_modules)} trained whole (modules_to_save); "
             f"trainable params: {self.trainable_parameters:,} / {self.total_parameters:,} ({share:.3f}%)"
         )
 

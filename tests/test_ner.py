@@ -263,6 +263,17 @@ def test_run_ner_end_to_end(assets, tmp_path, method):
     assert run_ner.main(argv(assets, method, tmp_path / "t", "--metric_for_best_model", "test_f1")) == 1
 
 
+def test_run_ner_names_a_missing_or_wrong_model_folder(assets, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.bin").write_text("x")
+    for name, message in ((tmp_path / "no-such-model", "no such folder"), (tmp_path / "empty", "is an empty folder"),
+                          (tmp_path / "file.bin", "is a file, not a model folder")):
+        args = argv(assets, "lora", tmp_path / "out")
+        args[args.index("--model_name_or_path") + 1] = str(name)
+        assert run_ner.main(args) == 1
+        assert f"--model_name_or_path {name} {message}".replace(" no such", ": no such") in capsys.readouterr().err
+
+
 def test_run_ner_resumes_an_unfinished_run(assets, tmp_path):
     out = tmp_path / "resume"
     args = argv(assets, "bidora", out, "--keep_checkpoints")
@@ -299,8 +310,18 @@ def test_paper_task_script_dry_run_plans_the_grid(assets, tmp_path):
         lr = "1e-5" if "--method ft" in r else "3e-4"
         assert f"--learning_rate {lr}" in r and "--per_device_train_batch_size 16" in r and "roberta-large" in r
         assert f"--output_dir {out}/" in r and r.endswith("--logging_steps 7")
-    assert "utils/report.py" in proc.stdout and f"{out}/summary.md" in proc.stdout
+    report = next(line for line in proc.stdout.splitlines() if "utils/report.py" in line)
+    assert f"{out}/summary.md" in report
+    assert "--split validation" in report  # the JNLPBA hub export has no test split
     assert not out.exists()  # nothing run
+    # the summary's split: the hub's test split for CoNLL-2003; with local files the last one given
+    for script, files, split in (("roberta_base_conll2003.sh", {}, "test"),
+                                 ("roberta_base_jnlpba.sh", {"TRAIN_FILE": "a", "VALIDATION_FILE": "b"}, "validation"),
+                                 ("roberta_base_jnlpba.sh", {"TRAIN_FILE": "a", "TEST_FILE": "c"}, "test"),
+                                 ("roberta_base_jnlpba.sh", {"TRAIN_FILE": "a"}, "heldout")):
+        proc = run_script(script, {"DRY_RUN": "1", "SEEDS": "0", "OUTPUT_ROOT": str(tmp_path), **files})
+        assert proc.returncode == 0, proc.stderr
+        assert f"--split {split} " in next(line for line in proc.stdout.splitlines() if "utils/report.py" in line)
 
 
 def test_paper_task_script_runs_skips_finished_runs_and_summarises(assets, tmp_path):

@@ -268,6 +268,19 @@ def test_metrics_files_and_errors(tmp_path):
         e2e_metrics.score_all(["a"], [[""]])
 
 
+@pytest_metrics
+def test_metrics_cli_keeps_an_empty_last_output_and_names_a_missing_file(tmp_path, capsys):
+    (tmp_path / "refs.txt").write_text("a b c d\n\ne f g h\n", encoding="utf-8")
+    (tmp_path / "hyps.txt").write_text("a b c d\n\n\n", encoding="utf-8")  # the second output is empty
+    assert e2e_metrics.main([str(tmp_path / "refs.txt"), str(tmp_path / "hyps.txt"), "--json",
+                             str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["inputs"] == 2 and scores["bleu"] == pytest.approx(e2e_metrics.bleu(["a b c d", ""],
+                                                                                       [["a b c d"], ["e f g h"]]))
+    assert e2e_metrics.main([str(tmp_path / "refs.txt"), str(tmp_path / "absent.txt")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'absent.txt'}: no such file or directory"
+
+
 # ---- run_clm end to end -------------------------------------------------------------------------------------------
 def argv(assets, method, out, *extra):
     model, files = assets
@@ -407,6 +420,30 @@ def test_run_clm_refuses_bad_input(assets, tmp_path):
     with pytest.raises(SystemExit):
         run_clm.parse_args(argv(assets, "lora", tmp_path / "c", "--metric_for_best_model", "bleu"))
     assert run_clm.main(argv(assets, "lora", tmp_path / "d", "--metric_for_best_model", "test_loss")) == 1
+
+
+def test_run_clm_refuses_before_training_and_notes_skipped_rows(assets, tmp_path, capsys):
+    model, files = assets
+    no_test = [a for a in argv(assets, "lora", tmp_path / "e", "--generation_split", "test")]
+    i = no_test.index("--test_file")
+    del no_test[i:i + 2]
+    assert run_clm.main(no_test) == 1  # the split asked for is missing: said before any training step
+    assert "--generation_split test: this run has no such split" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() or not list((tmp_path / "e").glob("checkpoint-*"))
+    for missing in (tmp_path / "no-such-model", "runs/nothing/here"):  # local paths, not hub ids
+        args = argv(assets, "lora", tmp_path / "f")
+        args[args.index("--model_name_or_path") + 1] = str(missing)
+        assert run_clm.main(args) == 1
+        assert f"--model_name_or_path {missing}: no such folder" in capsys.readouterr().err
+    rows = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    rows[0]["human_reference"], rows[1]["human_reference"] = None, ""
+    train = write_jsonl(tmp_path / "train_with_nulls.jsonl", rows)
+    args = argv(assets, "lora", tmp_path / "g", "--max_steps", 1, "--num_generations", 0, "--eval_strategy", "no",
+                "--save_strategy", "no")
+    args[args.index("--train_file") + 1] = str(train)
+    assert run_clm.main(args) == 0
+    assert f"{train}: 2 of {len(rows)} rows skipped: empty or missing 'human_reference'" in capsys.readouterr().err
+    assert json.loads((tmp_path / "g" / "results.json").read_text())["data_sizes"]["train"] == len(rows) - 2
 
 
 # ---- the GGUF rebuild ---------------------------------------------------------------------------------------------

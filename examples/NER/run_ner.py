@@ -54,6 +54,7 @@ from ner_metrics import entity_scores, make_compute_metrics  # noqa: E402
 from run_common import (  # noqa: E402
     HUB_SPLITS,
     RunError,
+    check_model_folder,
     check_output_dir,
     finish_run,
     first_line,
@@ -278,6 +279,8 @@ def set_prefix_space(tokenizer) -> None:
 
 def load_tokenizer(model_args: ModelArguments):
     name = model_args.tokenizer_name or model_args.model_name_or_path
+    check_model_folder(name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+                       needs_config=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
     except (OSError, ValueError) as err:
@@ -387,6 +390,7 @@ def write_predictions(path: Path, words, gold, predicted) -> None:
 # ---- the run ------------------------------------------------------------------------------------------------------
 def run(model_args, data_args, adapter_config, run_args, args) -> dict:
     out, method = Path(args.output_dir), run_args.method
+    check_model_folder(model_args.model_name_or_path)  # a wrong local path: one sentence, before anything
     resume = check_output_dir(out, run_args.overwrite_output_dir, ("predictions_*.txt",))
     tokenizer = load_tokenizer(model_args)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)

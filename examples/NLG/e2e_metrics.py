@@ -193,10 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("give REFERENCES and HYPOTHESES, or --generations")
             refs = read_grouped_references(args.references)
             hyps = [line.strip() for line in Path(args.hypotheses).read_text(encoding="utf-8").splitlines()]
-            while hyps and not hyps[-1]:
+            while len(hyps) > len(refs) and not hyps[-1]:  # blank lines past the last input; an empty output stays
                 hyps.pop()
         scores = score_all(hyps, refs, lowercase=not args.case_sensitive)
-    except (MetricsError, OSError, json.JSONDecodeError) as err:
+    except OSError as err:
+        print(f"error: {err.filename}: {err.strerror.lower()}" if err.filename else f"error: {err}", file=sys.stderr)
+        return 1
+    except (MetricsError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"BLEU {scores['bleu']:.2f}  NIST {scores['nist']:.4f}  ROUGE-L {scores['rougeL']:.2f} "

@@ -62,6 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 from run_common import (  # noqa: E402
     HUB_SPLITS,
     RunError,
+    check_model_folder,
     check_output_dir,
     finish_run,
     first_line,
@@ -294,6 +295,9 @@ def load_raw_splits(data_args: DataTrainingArguments, output_dir: Path) -> tuple
         rows = nlg_data.to_rows(table, prompt, response, group, data_args.linearize_e2e_mr)
         if not rows:
             raise RunError(f"{where}: no row with a non-empty {response!r}" + (f" and {prompt!r}" if prompt else ""))
+        if len(rows) < len(table):
+            print(f"note: {where}: {len(table) - len(rows)} of {len(table)} rows skipped: empty or missing "
+                  f"{response!r}" + (f" or {prompt!r}" if prompt else ""), file=sys.stderr)
         splits[name] = rows
     return splits, source
 
@@ -480,6 +484,8 @@ class CompletionCollator(DataCollatorForLanguageModeling):
 # ---- model --------------------------------------------------------------------------------------------------------
 def load_tokenizer(model_args: ModelArguments):
     name = model_args.tokenizer_name or model_args.model_name_or_path
+    check_model_folder(name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+                       needs_config=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -611,6 +617,7 @@ def train(model, splits, collator, tokenizer, method: str, fraction: float, resu
 
 def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict:
     out, method = Path(args.output_dir), run_args.method
+    check_model_folder(model_args.model_name_or_path)  # a wrong local path: one sentence, before anything
     resume = check_output_dir(out, run_args.overwrite_output_dir, ("generations_*.jsonl",))
     tokenizer = load_tokenizer(model_args)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
@@ -621,6 +628,9 @@ def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict
     fraction = held_out_fraction(method, args)
     data_seed = args.data_seed if args.data_seed is not None else args.seed
     source, formatter, splits = prepare_data(data_args, tokenizer, data_seed, fraction, out)
+    gen_split = gen_args.generation_split or next((n for n in ("test", "validation", "heldout") if n in splits), None)
+    if gen_args.num_generations != 0 and gen_split is not None and gen_split not in splits:  # before any training
+        raise RunError(f"--generation_split {gen_split}: this run has no such split (it has {', '.join(splits)})")
     set_seed(args.seed)  # the adapters' initialisation depends on the seed only
     adapted = method not in ("ft", "base")
     model = build_model(model_args, adapter_config if adapted else None)
@@ -644,10 +654,7 @@ def run(model_args, data_args, gen_args, adapter_config, run_args, args) -> dict
             trainer.save_metrics(name, {f"{name}_{k}": v for k, v in results_eval[name].items()})
 
     generation = None
-    gen_split = gen_args.generation_split or next((n for n in ("test", "validation", "heldout") if n in splits), None)
     if gen_args.num_generations != 0 and gen_split is not None:
-        if gen_split not in splits:
-            raise RunError(f"--generation_split {gen_split}: this run has no such split")
         prompts, references, prefixes = generation_inputs(splits[gen_split][1], gen_args.num_generations)
         started = time.perf_counter()
         texts = generate(model, tokenizer, formatter, prompts, gen_args, prefixes)

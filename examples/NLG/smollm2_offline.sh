@@ -7,8 +7,8 @@
 # test loss / perplexity on the snippet tokens and 8 greedy generations per run. No hub access needed.
 #
 #   bash examples/NLG/smollm2_offline.sh                          # 3 methods x 3 seeds + base, ~3 h on 2 cores
-#   SEEDS=0 METHODS=lora MAX_STEPS=4 bash examples/NLG/smollm2_offline.sh --max_eval_samples 16 \
-#       --max_predict_samples 16                                  # a smoke run (minutes)
+#   SEEDS=0 METHODS="base lora" MAX_STEPS=2 JOBS=1 bash examples/NLG/smollm2_offline.sh --max_eval_samples 16 \
+#       --max_predict_samples 16 --eval_steps 2 --save_steps 2 --num_generations 1   # a smoke run (~10 minutes)
 #
 # THE SETTINGS ARE OURS, NOT TUNED: r 8, alpha 16 on q_proj / v_proj, lr 5e-4 (the upper level's too), linear
 # schedule with 10% warmup, weight decay 0.01, batch 8, max length 96 tokens, MAX_STEPS (200) optimiser steps (about
@@ -97,8 +97,9 @@ if (( JOBS > 1 )); then
   for m in $METHODS; do [[ "$m" == bidora ]] || methods+=" $m"; done
   [[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"
 fi
-grid=(--out "$OUT" --methods "$methods" --seeds "$SEEDS" --order "$order" --once base --jobs "$JOBS"
-      --threads "$THREADS" --protocol held-out --python "${PY[*]}")
+grid=(--out "$OUT" --methods "$methods" --seeds "$SEEDS" --order "$order" --jobs "$JOBS" --threads "$THREADS"
+      --protocol held-out --python "${PY[*]}")
+[[ " $METHODS " == *" base "* ]] && grid+=(--once base)
 run=()
 [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
 [[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")

@@ -26,7 +26,7 @@ import torch
 import yaml
 from glue_metrics import predictions_from_outputs
 from glue_tasks import GlueTask
-from run_common import RunError, finished_run_message, first_line, logits_of
+from run_common import RunError, check_model_folder, finished_run_message, first_line, logits_of
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, TrainerCallback
@@ -276,17 +276,7 @@ def check_checkpoint(checkpoint: Path, model, method: str, bilevel: bool) -> Non
 # ---- the pretrained model ------------------------------------------------------------------------------------------
 def load_pretrained(name: str):
     """``(config, tokenizer)`` of the model, or a RunError saying what is wrong with ``name``."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise RunError(f"--model_name_or_path {name} is a file, not a model folder")
-        if not any(path.iterdir()):
-            raise RunError(f"--model_name_or_path {name} is an empty folder (expected config.json, weights and "
-                           "tokenizer files)")
-        if not (path / "config.json").is_file():
-            raise RunError(f"--model_name_or_path {name} has no config.json: not a transformers model folder")
-    elif name.startswith((".", "/", "~")):
-        raise RunError(f"--model_name_or_path {name}: no such folder")
+    path = check_model_folder(name)
     try:
         config, tokenizer = AutoConfig.from_pretrained(name), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Sourced by the paper-task scripts of examples/NER/scripts: runs run_ner.py for every seed in SEEDS and every method
-# in METHODS. The caller sets NAME, MODEL, DATASET, REVISION, ADAPTER_LR, FT_LR, EPOCHS, BATCH, MAX_SEQ_LENGTH.
+# in METHODS. The caller sets NAME, MODEL, DATASET, REVISION, ADAPTER_LR, FT_LR, EPOCHS, BATCH, MAX_SEQ_LENGTH and
+# HUB_REPORT_SPLIT (the split the summary reports for the hub dataset: test, or validation when it has no test).
 #
 # THE SETTINGS ARE OURS. The BiDoRA paper reports NER results (CoNLL-2003, BioNLP/JNLPBA) but publishes no NER
 # script or hyperparameters; none of the values in these scripts come from the paper, and none has been tuned or
@@ -8,9 +9,9 @@
 #
 # Environment: SEEDS (default "0 1 2 3 4"), METHODS (default "lora dora bidora ft"), OUTPUT_ROOT (default
 # <repo>/runs/ner), PYTHON (see examples/python.sh), MODEL_NAME_OR_PATH (a local copy of the model), OVERWRITE=1
-# (redo finished runs; default: skipped), DRY_RUN=1 (print the commands). At the end: OUT/summary.{md,json,png}. Local CoNLL
-# files instead of the hub: TRAIN_FILE, VALIDATION_FILE, TEST_FILE. Extra arguments go to run_ner.py and override
-# the settings (e.g. --max_steps 100).
+# (redo finished runs; default: skipped), DRY_RUN=1 (print the commands). Local CoNLL files instead of the hub:
+# TRAIN_FILE, VALIDATION_FILE, TEST_FILE. Extra arguments go to run_ner.py and override the settings (e.g.
+# --max_steps 100). At the end: OUT/summary.{md,json,png} on the test split (validation or held-out without one).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 # shellcheck source=examples/python.sh
@@ -25,7 +26,11 @@ if [[ -n "${TRAIN_FILE:-}" ]]; then
   [[ -n "${VALIDATION_FILE:-}" ]] && data+=(--validation_file "$VALIDATION_FILE")
   [[ -n "${TEST_FILE:-}" ]] && data+=(--test_file "$TEST_FILE")
   source_text="local files ${TRAIN_FILE} ${VALIDATION_FILE:-} ${TEST_FILE:-}"
+  report_split=heldout  # the summary reports the last split the files give: test, else validation, else held-out
+  [[ -n "${VALIDATION_FILE:-}" ]] && report_split=validation
+  [[ -n "${TEST_FILE:-}" ]] && report_split=test
 else
+  report_split="$HUB_REPORT_SPLIT"
   data=(--dataset_name "$DATASET")
   [[ -n "$REVISION" ]] && data+=(--dataset_revision "$REVISION")
   source_text="hub dataset $DATASET${REVISION:+ (revision $REVISION)}, not checked offline (TRAIN_FILE etc.: files)"
@@ -52,8 +57,9 @@ run=()
   --upper_fraction 0.2 --hypergradient darts --eval_strategy epoch --save_strategy epoch --logging_steps 50 \
   --do_predict "$@"
 
-# The table, the paired differences and the figure over every finished run under OUT (entity F1 on test).
+# The table, the paired differences and the figure over every finished run under OUT (entity F1 on report_split).
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric f1 --extra-metrics precision,recall \
-  --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" \
-  --json "$OUT/summary.json" --figure "$OUT/summary.png" --title "$NAME: entity F1 (test)"
+"${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split "$report_split" --metric f1 \
+  --extra-metrics precision,recall --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
+  --markdown "$OUT/summary.md" --json "$OUT/summary.json" --figure "$OUT/summary.png" \
+  --title "$NAME: entity F1 ($report_split)"
