@@ -222,7 +222,9 @@ def method_json(table: MethodTable) -> dict[str, Any]:
 
 
 def plot_methods(table: MethodTable, path, title: str | None = None) -> Path:
-    """One bar per method (mean), sample-std error bar, each seed as a dot (fixed jitter). Writes ``path``."""
+    """Per method its mean (a short horizontal line), a sample-std error bar and each seed as a dot (fixed jitter).
+    No bars: the axis spans the data, not 0, and a bar cut off above 0 would make small differences look large.
+    Writes ``path``."""
     plt = pyplot()
     rows = [r for r in table.rows if r.n]
     if not rows:
@@ -232,17 +234,19 @@ def plot_methods(table: MethodTable, path, title: str | None = None) -> Path:
     rng = np.random.default_rng(0)  # the same figure every time
     for i, row in enumerate(rows):
         vals = np.asarray(row.values) * scale
-        ax.bar(i, vals.mean(), 0.6, yerr=(row.std or 0.0) * scale, capsize=4, color=plt.get_cmap("tab10")(i % 10),
-               alpha=0.75, hatch="//" if row.label == SEARCH_ONLY else None, edgecolor="black", linewidth=0.5)
+        color = plt.get_cmap("tab10")(i % 10)
+        ax.hlines(vals.mean(), i - 0.3, i + 0.3, colors=[color], linewidth=2.5,
+                  linestyles="dashed" if row.label == SEARCH_ONLY else "solid")
+        ax.errorbar(i, vals.mean(), yerr=(row.std or 0.0) * scale, capsize=6, color=color, linewidth=1.5)
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(vals)), vals, color="black", s=14, zorder=3)
     ax.set_xticks(range(len(rows)), [f"{r.label}\n(n={r.n})" for r in rows], fontsize=8)
     all_vals = np.concatenate([np.asarray(r.values) * scale for r in rows])
     lo, hi = float(np.nanmin(all_vals)), float(np.nanmax(all_vals))
     pad = max((hi - lo) * 0.3, abs(hi) * 0.02, 1e-3)
-    ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)  # bars start near the data, not at 0
+    ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)  # the axis spans the data, not 0
     unit = {"%": " (%)", "0-100": " (0-100)"}.get(metric_unit(table.metric), "")
     ax.set_ylabel(f"{table.metric} on {table.split}{unit}")
-    ax.set_xlabel("method (bars: mean ± sample std; dots: seeds)")
+    ax.set_xlabel("method (line: mean; error bar: sample std; dots: seeds)")
     ax.set_title(title or f"{table.task} — {model_name(table.model)}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -242,8 +242,9 @@ def paper_json(collection: Collection, missing: list[dict], tests: list, data: P
 
 
 def plot_task_bars(summary: dict, path, data: PaperData | None = None) -> Path:
-    """One panel per (model, unit): tasks on the x axis, one bar per (method, rank) with its sample std, the paper's
-    number as a black diamond. ``summary`` is :func:`summarise`'s."""
+    """One panel per (model, unit): tasks on the x axis, per (method, rank) its mean as a dot with a sample-std error
+    bar (no bars: the axis spans the data, not 0), the paper's number as a black diamond. ``summary`` is
+    :func:`summarise`'s."""
     plt, data = pyplot(), data or load_paper_data()
     if not summary:
         raise ValueError("nothing to plot")
@@ -269,10 +270,10 @@ def plot_task_bars(summary: dict, path, data: PaperData | None = None) -> Path:
             _, method, rank = group
             offset, row = x - 0.4 + width * (i + 0.5), data.lookup(*group)
             cells = [summary[group].get(t) for t in tasks]
-            ax.bar(offset, [c.mean if c else np.nan for c in cells], width, capsize=2, color=colour[(method, rank)],
-                   yerr=[c.std if c and c.std is not None else 0.0 for c in cells],
-                   label=data.method_label(method) + ("" if rank is None else f" r={rank}"))
-            # The paper's marker only where we have a bar to compare it with.
+            ax.errorbar(offset, [c.mean if c else np.nan for c in cells], fmt="o", markersize=5, capsize=2,
+                        color=colour[(method, rank)], yerr=[c.std if c and c.std is not None else 0.0 for c in cells],
+                        label=data.method_label(method) + ("" if rank is None else f" r={rank}"))
+            # The paper's marker only where we have a mean to compare it with.
             paper = [row.scores.get(t, np.nan) if row and c else np.nan for t, c in zip(tasks, cells)]
             ax.scatter(offset, paper, marker="D", s=18, color="k", zorder=3, label="paper" if i == 0 else None)
             shown += [c.mean for c in cells if c] + [p for p in paper if not np.isnan(p)]
