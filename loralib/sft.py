@@ -17,6 +17,7 @@ checked at import because this module relies on SFTTrainer internals (``_prepare
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 
 from packaging.version import Version
@@ -170,6 +171,11 @@ class BiDoRASFTTrainer(BiDoRATrainer, SFTTrainer):
                             "would turn it into a plain SFTConfig without the bi-level settings)")
         self._refuse_adapted_output_embeddings(model)
         self._refuse_iterable_split(model, args, train_dataset, upper_dataset, retrain)
+        if get_adapter_config(model) is None:
+            warnings.warn("the model has no loralib adapters: BiDoRASFTTrainer trains it as full fine-tuning on all "
+                          "of train_dataset, with no upper level (upper_fraction is not used); for BiDoRA, adapt it "
+                          "first with loralib.apply_adapters(model, loralib.AdapterConfig(method='bidora', ...))",
+                          stacklevel=2)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          upper_dataset=upper_dataset, retrain=retrain, data_collator=data_collator,
                          processing_class=processing_class, formatting_func=formatting_func, **kwargs)

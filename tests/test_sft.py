@@ -325,6 +325,14 @@ def test_label_smoothing_loss_allows_a_second_order_hypergradient(tmp_path, toke
     assert any(n.endswith("magnitude") and not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_model_without_adapters_is_said_to_train_as_full_fine_tuning(tmp_path, tokenizer):
+    raw = raw_dataset("text", tokenizer)
+    with pytest.warns(UserWarning, match="no loralib adapters: BiDoRASFTTrainer trains it as full fine-tuning"):
+        trainer = BiDoRASFTTrainer(model=tiny_llama(tokenizer, method=None), args=config(tmp_path),
+                                   train_dataset=raw, processing_class=tokenizer)
+    assert trainer.method == "ft" and len(trainer.train_dataset) == len(raw) and trainer.upper_dataset is None
+
+
 def test_loralib_imports_without_trl_and_names_the_install():
     assert not {"BiDoRASFTTrainer", "BiDoRASFTConfig"} & set(loralib.__all__)  # `from loralib import *` needs no trl
     script = (
