@@ -17,14 +17,14 @@ def number(x: float | None, decimals: int, signed: bool = False, missing: str = 
     return missing if x is None else f"{x:{'+' if signed else ''}.{decimals}f}"
 
 
-def display_scale(metric: str) -> float:
-    """100 for fractions shown in percent, 1 for raw metrics (MSE-like, loss, perplexity) and 0-100 ones (BLEU)."""
-    return 1.0 if metric in RAW_METRICS or metric in POINT_METRICS else 100.0
-
-
 def metric_unit(metric: str) -> str:
     """How a metric is shown: ``"%"`` (a fraction), ``"0-100"`` (BLEU, ROUGE-L) or ``"raw"``."""
     return "0-100" if metric in POINT_METRICS else "raw" if metric in RAW_METRICS else "%"
+
+
+def display_scale(metric: str) -> float:
+    """100 for fractions shown in percent, 1 for raw metrics (MSE-like, loss, perplexity) and 0-100 ones (BLEU)."""
+    return 100.0 if metric_unit(metric) == "%" else 1.0
 
 
 def metric_number(metric: str, value: float | None, signed: bool = False, scaled: bool = False) -> str:
