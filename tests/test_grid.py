@@ -275,3 +275,47 @@ def test_a_finished_run_whose_cleanup_a_kill_interrupted_is_cleaned_then_refused
         left = sorted(p.name for p in out.iterdir())
         kept = ["adapter", "results.json"] + (["run_config.json"] if recorded is not None else [])
         assert left == sorted(kept if removed else kept + leftovers)
+
+
+@pytest.mark.parametrize(
+    ("overwrite", "dry_run", "flags", "dry"),
+    [
+        (None, None, "--finished skip", ""),
+        ("0", "0", "--finished skip", ""),
+        ("1", None, "--finished redo", ""),
+        (None, "1", "--finished skip --dry-run", "echo [dry run]"),
+        ("1", "1", "--finished redo --dry-run", "echo [dry run]"),
+    ],
+)
+def test_grid_env_turns_the_switches_into_grid_flags(overwrite, dry_run, flags, dry):
+    env = {k: v for k, v in os.environ.items() if k not in ("OVERWRITE", "DRY_RUN")}
+    env.update({k: v for k, v in (("OVERWRITE", overwrite), ("DRY_RUN", dry_run)) if v is not None})
+    script = f'set -euo pipefail; source "{ROOT}/examples/grid_env.sh"; echo "${{GRID_FLAGS[*]}}|${{DRY[*]}}"'
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{flags}|{dry}"
+
+
+@pytest.mark.parametrize(("name", "value"), [("OVERWRITE", "yes"), ("DRY_RUN", "true"), ("OVERWRITE", "2")])
+def test_grid_env_refuses_other_values(name, value):
+    """OVERWRITE=yes used to be read as 0: the finished runs were kept without a word."""
+    env = dict(os.environ, **{name: value})
+    r = subprocess.run(["bash", "-c", f'source "{ROOT}/examples/grid_env.sh"; echo reached'], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "reached" not in r.stdout
+    assert f"{name} must be 0 or 1, not '{value}'" in r.stderr
+
+
+def test_every_grid_script_takes_its_switches_from_grid_env():
+    """One place reads OVERWRITE / DRY_RUN; the demo alone redoes every run by design and has no switches."""
+    scripts = [p for p in (ROOT / "examples").rglob("*.sh")
+               if "examples/grid.py" in p.read_text() and p.name != "grid_env.sh"]
+    assert len(scripts) >= 40
+    for path in scripts:
+        text = path.read_text()
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        if path.name == "run_demo.sh":
+            assert "grid_env.sh" not in code and "--finished redo" in code
+            continue
+        assert 'examples/grid_env.sh"' in code and '"${GRID_FLAGS[@]}"' in code, path
+        assert "${OVERWRITE" not in code and "${DRY_RUN" not in code, path

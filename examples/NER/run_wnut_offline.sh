@@ -16,12 +16,15 @@
 # Environment: SEEDS (default "0 1 2 3 4"), METHODS (default "lora dora bidora ft"), SPLIT_SEED (default 0),
 # EPOCHS, ADAPTER_LR, FT_LR, OUTPUT_ROOT (default <repo>/runs/ner), PYTHON (see examples/python.sh). Extra arguments
 # go to run_ner.py and override the settings. An unfinished run is resumed by the same command; a finished one is
-# skipped (OVERWRITE=1 redoes it). At the end: OUTPUT_ROOT/wnut16_minilm/summary.{md,json,png} (utils/report.py).
+# skipped (OVERWRITE=1 redoes it; DRY_RUN=1 prepares the data, then prints the commands). At the end:
+# OUTPUT_ROOT/wnut16_minilm/summary.{md,json,png} (utils/report.py).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 # shellcheck source=examples/python.sh
 source "$ROOT/examples/python.sh"  # sets PY
+# shellcheck source=examples/grid_env.sh
+source "$ROOT/examples/grid_env.sh"  # sets GRID_FLAGS and DRY from OVERWRITE / DRY_RUN
 SEEDS="${SEEDS:-0 1 2 3 4}"
 METHODS="${METHODS:-lora dora bidora ft}"
 SPLIT_SEED="${SPLIT_SEED:-0}"
@@ -46,12 +49,10 @@ DATA="$OUT/data/split$SPLIT_SEED"
 echo "== WNUT-16 offline: all-MiniLM-L6-v2 ($MODEL), methods: $METHODS, seeds: $SEEDS"
 echo "   OUR settings (the ft schedule measured, the adapter lr not): adapter lr $ADAPTER_LR, ft lr $FT_LR, $EPOCHS epochs, batch 16, max_seq_length 128"
 echo "   outputs: $OUT/<method>/seed<N>"
-FINISHED=skip
-[[ "${OVERWRITE:-0}" == 1 ]] && FINISHED=redo
 # Every method trains on the lower 80% of train and is selected on its held-out entity F1 (examples/grid.py, protocol
 # held-out); full fine-tuning gets FT_LR, the adapters ADAPTER_LR.
 "${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_ner.py" --out "$OUT" --methods "$METHODS" --seeds "$SEEDS" \
-  --protocol held-out --ft-lr "$FT_LR" --adapter-lr "$ADAPTER_LR" --finished "$FINISHED" --python "${PY[*]}" -- \
+  --protocol held-out --ft-lr "$FT_LR" --adapter-lr "$ADAPTER_LR" --python "${PY[*]}" "${GRID_FLAGS[@]}" -- \
   --model_name_or_path "$MODEL" --train_file "$DATA/train.txt" --validation_file "$DATA/validation.txt" \
   --test_file "$DATA/test.txt" --lora_r 8 --lora_alpha 16 --target_modules query value --weight_decay 0.01 \
   --warmup_steps 0.06 --lr_scheduler_type linear --num_train_epochs "$EPOCHS" --per_device_train_batch_size 16 \
@@ -61,7 +62,7 @@ FINISHED=skip
 # The table, the paired differences and the figure over every finished run under OUT (entity F1 on test, the model
 # selected on held-out entity F1).
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric f1 --extra-metrics precision,recall \
+"${DRY[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric f1 --extra-metrics precision,recall \
   --methods "$(echo $METHODS | tr ' ' ',')" --markdown "$OUT/summary.md" --json "$OUT/summary.json" \
   --figure "$OUT/summary.png" --title "WNUT-16 entity F1 (test), all-MiniLM-L6-v2"
-echo "wrote $OUT/summary.md, $OUT/summary.json and $OUT/summary.png"
+[[ ${#DRY[@]} -gt 0 ]] || echo "wrote $OUT/summary.md, $OUT/summary.json and $OUT/summary.png"

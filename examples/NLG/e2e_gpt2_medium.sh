@@ -44,6 +44,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 # shellcheck source=examples/python.sh
 source "$ROOT/examples/python.sh"  # sets PY
+# shellcheck source=examples/grid_env.sh
+source "$ROOT/examples/grid_env.sh"  # sets GRID_FLAGS and DRY from OVERWRITE / DRY_RUN
 SEEDS="${SEEDS:-0 1 2}"
 METHODS="${METHODS:-lora dora bidora}"
 MODEL="${MODEL:-gpt2-medium}"
@@ -65,10 +67,8 @@ echo "   outputs: $OUT/<method>/seed<N>"
 # LoRA and DoRA train on all of train and report their final model; BiDoRA holds out 20% of the training MRs (the
 # defaults --upper_fraction 0.2, --hypergradient darts) for its magnitudes: examples/grid.py, protocol all-of-train.
 # A finished run is skipped (OVERWRITE=1 redoes it), an unfinished one resumes from its last epoch checkpoint.
-grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --python "${PY[*]}")
-run=()
-[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
-[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")
+grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --python "${PY[*]}"
+      "${GRID_FLAGS[@]}")
 "${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" "${grid[@]}" -- \
   --model_name_or_path "$MODEL" "${DATA[@]}" --linearize_e2e_mr --format plain \
   --lora_r 4 --lora_alpha 32 --lora_dropout 0.1 --target_modules c_attn \
@@ -82,6 +82,6 @@ run=()
 
 # BLEU, NIST and ROUGE-L of every finished run under OUT (every test MR generated: results.json eval.test).
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric bleu --extra-metrics nist,rougeL,loss \
+"${DRY[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric bleu --extra-metrics nist,rougeL,loss \
   --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" \
   --json "$OUT/summary.json" --figure "$OUT/summary.png" --title "E2E NLG test BLEU, $(basename "$MODEL")"

@@ -41,6 +41,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 # shellcheck source=examples/python.sh
 source "$ROOT/examples/python.sh"  # sets PY
+# shellcheck source=examples/grid_env.sh
+source "$ROOT/examples/grid_env.sh"  # sets GRID_FLAGS and DRY from OVERWRITE / DRY_RUN
 SEEDS="${SEEDS:-0 1 2}"
 METHODS="${METHODS:-base lora dora bidora}"
 MAX_STEPS="${MAX_STEPS:-200}"
@@ -98,11 +100,8 @@ if (( JOBS > 1 )); then
   [[ " $METHODS " == *" bidora "* ]] || methods="${methods#bidora }"
 fi
 grid=(--out "$OUT" --methods "$methods" --seeds "$SEEDS" --order "$order" --jobs "$JOBS" --threads "$THREADS"
-      --protocol held-out --python "${PY[*]}")
+      --protocol held-out --python "${PY[*]}" "${GRID_FLAGS[@]}")
 [[ " $METHODS " == *" base "* ]] && grid+=(--once base)
-run=()
-[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
-[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")
 "${PY[@]}" "$ROOT/examples/grid.py" "$HERE/run_clm.py" "${grid[@]}" -- \
   --model_name_or_path "$MODEL_DIR" \
   --train_file "$DATA/train.jsonl" --validation_file "$DATA/validation.jsonl" --test_file "$DATA/test.jsonl" \
@@ -119,7 +118,7 @@ run=()
 trained="$(for m in $METHODS; do [[ "$m" == base ]] || printf '%s,' "$m"; done)"
 if [[ -n "$trained" ]]; then
   # shellcheck disable=SC2086  # word splitting normalises the list
-  "${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric perplexity --extra-metrics loss \
+  "${DRY[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split test --metric perplexity --extra-metrics loss \
     --methods "${trained%,}" --seeds "$(echo $SEEDS | tr ' ' ',')" --markdown "$OUT/summary.md" \
     --json "$OUT/summary.json" --figure "$OUT/summary.png" \
     --title "SmolLM2-135M-Instruct, Rotten Tomatoes: test perplexity"

@@ -22,6 +22,8 @@ esm2_table4_main() {
   root="$(cd "$here/../.." && pwd)"
   # shellcheck source=examples/python.sh
   source "$root/examples/python.sh"  # sets PY
+  # shellcheck source=examples/grid_env.sh
+  source "$root/examples/grid_env.sh"  # sets GRID_FLAGS and DRY from OVERWRITE / DRY_RUN
 
   local train="${1:-${TRAIN_FILE:-}}" test="${2:-${TEST_FILE:-}}"
   local size="${ESM_SIZE:-650M}"
@@ -59,10 +61,8 @@ esm2_table4_main() {
   eval "$plan"
   echo "output: $out" >&2
 
-  local run=() grid=(--out "$out" --methods "$methods" --seeds "$seeds" --protocol held-out --steps "$ITERATIONS"
-                      --retrain-steps "$RETRAIN_ITERATIONS" --ft-lr "$ft_lr")
-  [[ "${DRY_RUN:-0}" == 1 ]] && run=(echo "[dry run]") && grid+=(--dry-run)
-  [[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+  local grid=(--out "$out" --methods "$methods" --seeds "$seeds" --protocol held-out --steps "$ITERATIONS"
+                      --retrain-steps "$RETRAIN_ITERATIONS" --ft-lr "$ft_lr" "${GRID_FLAGS[@]}")
   local vfile=()
   [[ -n "$val" ]] && vfile=(--validation_file "$val")
   # Every method trains on the lower 80% of train and is selected on the held-out 20%; BiDoRA then retrains a fresh
@@ -71,7 +71,7 @@ esm2_table4_main() {
   "${PY[@]}" "$root/examples/grid.py" "$root/examples/NLU/run_glue.py" "${grid[@]}" --python "${PY[*]}" -- \
     --config "$config" --model_name_or_path "$MODEL" --train_file "$train" --test_file "$test" "${vfile[@]}" \
     ${EXTRA_ARGS:-}
-  "${run[@]}" "${PY[@]}" "$root/utils/report.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
+  "${DRY[@]}" "${PY[@]}" "$root/utils/report.py" "$out" --methods "${methods// /,}" --seeds "${seeds// /,}" \
     ${EXTRA_METRICS:+--extra-metrics "$EXTRA_METRICS"} --markdown "$out/comparison.md" --json "$out/comparison.json" \
     --figure "$out/comparison.png"
 }

@@ -10,7 +10,8 @@
 # its recorded settings differ (then the script stops and says so) or OVERWRITE=1.
 # Environment: SEEDS, METHODS (default "lora dora bidora"; ft allowed), OUT_ROOT (default runs/antiberty_acp),
 # DATA_SEED (the train/test split, default 0, fixed across training seeds), FIGURE (default OUT_ROOT/comparison.png),
-# OVERWRITE=1 (redo finished runs; otherwise they are kept and skipped), PYTHON, and the schedule below.
+# OVERWRITE=1 (redo finished runs; otherwise they are kept and skipped), DRY_RUN=1 (prepare the data and the model
+# folder, then print the commands), PYTHON, and the schedule below.
 # assets/antiberty_acp.{png,json} (shown in the READMEs) are never written by a run: `make assets` copies
 # runs/antiberty_acp/comparison.{png,json} there.
 # Settings are ours (examples/bio/configs/antiberty_acp.yaml + the schedule here), sized for 2 CPU cores.
@@ -20,6 +21,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 # shellcheck source=examples/python.sh
 source "$ROOT/examples/python.sh"  # sets PY: $PYTHON, else .venv/bin/python when it exists, else python3
+# shellcheck source=examples/grid_env.sh
+source "$ROOT/examples/grid_env.sh"  # sets GRID_FLAGS and DRY from OVERWRITE / DRY_RUN
 OUT="${OUT_ROOT:-$ROOT/runs/antiberty_acp}"
 SEEDS="${SEEDS:-0 1 2 3 4}"
 METHODS="${METHODS:-lora dora bidora}"
@@ -57,14 +60,13 @@ mkdir -p "$OUT"
 # model, like BiDoRA with retraining: same data, same number of direction steps, nothing selected on test
 # (examples/grid.py, protocol all-of-train). A finished run is skipped unless OVERWRITE=1; an unfinished one resumes.
 grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --steps "$ITERATIONS"
-      --search-steps "$BIDORA_SEARCH_ITERATIONS" --retrain-steps "$BIDORA_RETRAIN_ITERATIONS" --ft-lr "$FT_LR")
-[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
+      --search-steps "$BIDORA_SEARCH_ITERATIONS" --retrain-steps "$BIDORA_RETRAIN_ITERATIONS" --ft-lr "$FT_LR" "${GRID_FLAGS[@]}")
 "${PY[@]}" examples/grid.py examples/NLU/run_glue.py "${grid[@]}" --python "${PY[*]}" -- --config "$CONFIG" \
   --model_name_or_path "$OUT/model" --train_file "$OUT/data/train.csv" --test_file "$OUT/data/test.csv" \
   --eval_steps "$EVAL_EVERY" "$@"
 
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"${PY[@]}" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
+"${DRY[@]}" "${PY[@]}" utils/report.py "$OUT" --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
   --extra-metrics precision_weighted,recall_weighted,f1_weighted \
   --markdown "$OUT/comparison.md" --json "$OUT/comparison.json" --figure "$FIGURE" \
   --title "AntiBERTy on ACP vs random peptides (modlAMP), test accuracy"

@@ -16,6 +16,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 # shellcheck source=examples/python.sh
 source "$ROOT/examples/python.sh"  # sets PY
+# shellcheck source=examples/grid_env.sh
+source "$ROOT/examples/grid_env.sh"  # sets GRID_FLAGS and DRY from OVERWRITE / DRY_RUN
 SEEDS="${SEEDS:-0 1 2 3 4}"
 METHODS="${METHODS:-lora dora bidora ft}"
 OUT="${OUTPUT_ROOT:-$ROOT/runs/ner}/$NAME"
@@ -46,10 +48,7 @@ echo "   outputs: $OUT/<method>/seed<N>"
 # held-out: full fine-tuning gets FT_LR, the adapters ADAPTER_LR). A finished run is skipped (OVERWRITE=1 redoes
 # it), an unfinished one resumes, a finished one whose recorded settings differ stops the grid with the reason.
 grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol held-out --ft-lr "$FT_LR" --adapter-lr "$ADAPTER_LR"
-      --python "${PY[*]}")
-run=()
-[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
-[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run) && run=(echo "[dry run]")
+      --python "${PY[*]}" "${GRID_FLAGS[@]}")
 "${PY[@]}" "$ROOT/examples/grid.py" "$ROOT/examples/NER/run_ner.py" "${grid[@]}" -- \
   --model_name_or_path "$MODEL" "${data[@]}" --lora_r 8 --lora_alpha 16 --target_modules query value \
   --weight_decay 0.01 --warmup_steps 0.06 --lr_scheduler_type linear --num_train_epochs "$EPOCHS" \
@@ -59,7 +58,7 @@ run=()
 
 # The table, the paired differences and the figure over every finished run under OUT (entity F1 on report_split).
 # shellcheck disable=SC2086  # word splitting normalises the lists
-"${run[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split "$report_split" --metric f1 \
+"${DRY[@]}" "${PY[@]}" "$ROOT/utils/report.py" "$OUT" --split "$report_split" --metric f1 \
   --extra-metrics precision,recall --methods "$(echo $METHODS | tr ' ' ',')" --seeds "$(echo $SEEDS | tr ' ' ',')" \
   --markdown "$OUT/summary.md" --json "$OUT/summary.json" --figure "$OUT/summary.png" \
   --title "$NAME: entity F1 ($report_split)"

@@ -12,6 +12,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../../.." && pwd)"
 # shellcheck source=examples/python.sh
 source "$ROOT/examples/python.sh"  # sets PY
+# shellcheck source=examples/grid_env.sh
+source "$ROOT/examples/grid_env.sh"  # sets GRID_FLAGS from OVERWRITE / DRY_RUN
 SEEDS="${SEEDS:-0 1 2 3 4}"
 OUT="${OUTPUT_ROOT:-$ROOT/runs}/deberta_v2_xxlarge_rte"
 echo "== deberta_v2_xxlarge_rte: BiDoRA r=16, rte, microsoft/deberta-v2-xxlarge; steps: 700 bi-level, batch 32, max_length 320"
@@ -19,8 +21,6 @@ echo "   model download (first run only): microsoft/deberta-v2-xxlarge ~3 GB; da
 echo "   expected GPU time (OUR ROUGH ESTIMATE, not measured): ~1.0 h per seed on one A100-class GPU"
 echo "   (training steps only; periodic evaluation comes on top); seeds: $SEEDS; outputs: $OUT/seed<N>"
 [[ $# -gt 0 ]] && echo "   these settings are the config's; overridden on the command line: $*"
-grid=(--out "$OUT" --seeds "$SEEDS" --finished skip)
-[[ "${OVERWRITE:-0}" == 1 ]] && grid+=(--finished redo)
-[[ "${DRY_RUN:-0}" == 1 ]] && grid+=(--dry-run)
-"${PY[@]}" "$ROOT/examples/grid.py" "$ROOT/examples/NLU/run_glue.py" "${grid[@]}" --python "${PY[*]}" -- \
+"${PY[@]}" "$ROOT/examples/grid.py" "$ROOT/examples/NLU/run_glue.py" --out "$OUT" --seeds "$SEEDS" \
+  "${GRID_FLAGS[@]}" --python "${PY[*]}" -- \
   --config "$HERE/../configs/deberta_v2_xxlarge_rte.yaml" "$@"
