@@ -29,7 +29,7 @@ from utils.paper_report import (
     missing_runs,
     paper_average,
     paper_markdown,
-    plot_task_bars,
+    plot_task_means,
     summarise,
 )
 from utils.paper_results import load_paper_data
@@ -544,7 +544,7 @@ def test_wilcoxon_small_n_and_fallbacks(tmp_path):
 
 
 def test_bar_chart_is_written(grid, tmp_path):
-    out = plot_task_bars(summarise(collect(grid).scores), tmp_path / "assets" / "glue.png")
+    out = plot_task_means(summarise(collect(grid).scores), tmp_path / "assets" / "glue.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 

@@ -241,7 +241,7 @@ def paper_json(collection: Collection, missing: list[dict], tests: list, data: P
             "tests": [asdict(t) for t in tests]}
 
 
-def plot_task_bars(summary: dict, path, data: PaperData | None = None) -> Path:
+def plot_task_means(summary: dict, path, data: PaperData | None = None) -> Path:
     """One panel per (model, unit): tasks on the x axis, per (method, rank) its mean as a dot with a sample-std error
     bar (no bars: the axis spans the data, not 0), the paper's number as a black diamond. ``summary`` is
     :func:`summarise`'s."""

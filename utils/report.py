@@ -36,7 +36,7 @@ from utils.paper_report import (  # noqa: E402
     paper_json,
     paper_markdown,
     paper_scores,
-    plot_task_bars,
+    plot_task_means,
     summarise,
 )
 from utils.paper_results import load_paper_data, normalise_method, normalise_task  # noqa: E402
@@ -109,7 +109,7 @@ def _paper_report(runs: list[Run], args) -> tuple[str, dict, Callable]:
         parts.append(format_wilcoxon_markdown(tests[-1], data.method_names, paper_p))
     text = paper_markdown(collection, missing, "\n".join(parts), data)
     return text, paper_json(collection, missing, tests, data), \
-        lambda path: plot_task_bars(summarise(collection.scores), path, data)
+        lambda path: plot_task_means(summarise(collection.scores), path, data)
 
 
 def main(argv: list[str] | None = None) -> int:
