@@ -33,14 +33,13 @@ while [ $# -gt 0 ]; do
 done
 case "$device" in cuda|cpu) ;; *) echo "gpu_check.sh: --device must be cuda or cpu, got '$device'" >&2; exit 2 ;; esac
 
-if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
-elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
-else PY=python3; fi
+# shellcheck source=examples/python.sh
+source examples/python.sh  # sets PY: $PYTHON, else .venv/bin/python when it exists, else python3
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 
 # set-up check: what must import, and the device
-if ! "$PY" - "$device" <<'EOF'
+if ! "${PY[@]}" - "$device" <<'EOF'
 import importlib, sys
 device = sys.argv[1]
 missing = []
@@ -72,7 +71,7 @@ args=(--device "$device" --out "$out")
 selection="tests/test_gpu_check.py -m cuda --devices $device"
 if [ "$skip_tests" = 1 ]; then
   args+=(--tests-skipped "skipped (--skip-tests)")
-elif ! "$PY" -c "import pytest" 2>/dev/null; then
+elif ! "${PY[@]}" -c "import pytest" 2>/dev/null; then
   args+=(--tests-skipped "pytest is not installed")
 elif [ "$device" = cpu ]; then
   args+=(--pytest-args "$selection")   # in gpu_check.py's process: one start of torch + transformers, not two
@@ -82,7 +81,7 @@ else
   echo "== tests: pytest $selection"
   t0=$(date +%s.%N)
   # shellcheck disable=SC2086
-  "$PY" -m pytest $selection -p no:cacheprovider -q -rfEs --junitxml "$work/junit.xml"
+  "${PY[@]}" -m pytest $selection -p no:cacheprovider -q -rfEs --junitxml "$work/junit.xml"
   rc=$?
   t1=$(date +%s.%N)
   args+=(--junit "$work/junit.xml" --tests-rc "$rc" --tests-seconds "$(echo "$t1 - $t0" | awk '{print $1 - $3}')"
@@ -90,7 +89,7 @@ else
 fi
 
 echo "== benchmarks: gpu_check.py ${args[*]} ${extra[*]:-}"
-"$PY" benchmarks/gpu_check.py "${args[@]}" "${extra[@]}"
+"${PY[@]}" benchmarks/gpu_check.py "${args[@]}" "${extra[@]}"
 status=$?
 echo "gpu_check.sh: $(( $(date +%s) - started )) s in all; JSON: $out; exit status $status"
 exit $status

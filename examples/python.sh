@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by the example scripts (examples/NLU/scripts, examples/demo, examples/bio): sets the array PY to the
+# Sourced by the example scripts (examples/*) and benchmarks/gpu_check.sh: sets the array PY to the
 # interpreter to run.
 #   PYTHON, when set (split into words on purpose: PYTHON="python -X dev" works);
 #   else the repository's .venv/bin/python when it exists (`make setup` creates it, with torch and loralib);
