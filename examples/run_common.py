@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +71,32 @@ def script_parser(dataclass_types: Sequence[type], description: str, defaults: M
             action.choices = list(methods)
             action.help = f"{method_help}, {action.help}"
     return parser
+
+
+@dataclass
+class RunArguments:
+    """The runners' own options (the adapter's are ``loralib.AdapterConfig``'s, the training ones the Trainer's);
+    run_glue adds its retraining phase's."""
+
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoint folders of a finished run "
+                                   "(they are for resuming; the reported adapter is in adapter/)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished or unfinished run in "
+                                       "output_dir instead of refusing it / resuming it."})
+    # --method is AdapterConfig's option, with ft (and base) added by script_parser; parse_args copies its value here.
+    method: str = field(default="bidora", init=False)
+
+
+def shared_problem(method: str, args) -> str | None:
+    """The first command-line problem every runner refuses (``parser.error`` takes it), or None.
+
+    ``method`` is the ``--method`` given; ``args`` the parsed ``BiDoRATrainingArguments``."""
+    if method == "bidora" and args.upper_fraction == 0:
+        return "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
+    if method == "bidora" and args.heldout_fraction is not None:
+        return "--heldout_fraction is for ft, lora and dora; BiDoRA holds out --upper_fraction (its upper split)"
+    if args.resume_from_checkpoint:
+        return "--resume_from_checkpoint: run the same command again; it resumes from output_dir by itself"
+    return None
 
 
 def parse_groups(parser: HfArgumentParser, argv: list[str] | None, no_adapter: Collection[str],

@@ -53,6 +53,7 @@ from ner_data import ConllError, align_labels, first_subwords, inside_of, label_
 from ner_metrics import entity_scores, make_compute_metrics  # noqa: E402
 from run_common import (  # noqa: E402
     HUB_SPLITS,
+    RunArguments,
     RunError,
     check_model_folder,
     check_output_dir,
@@ -67,6 +68,7 @@ from run_common import (  # noqa: E402
     position_limit,
     script_parser,
     selection_split,
+    shared_problem,
     start_runtime,
     train_and_select,
 )
@@ -146,18 +148,6 @@ class DataTrainingArguments:
             raise ValueError(f"--max_seq_length must be >= 3, got {self.max_seq_length}")
 
 
-@dataclass
-class RunArguments:
-    """This runner's own options (the adapter's are ``loralib.AdapterConfig``'s, the training ones the Trainer's)."""
-
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoint folders of a finished run "
-                                   "(they are for resuming; the reported adapter is in adapter/)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir "
-                                       "(and do not resume an unfinished one)."})
-    # --method is AdapterConfig's option with ft added by make_parser; parse_args copies its value here.
-    method: str = field(default="bidora", init=False)
-
-
 def make_parser() -> HfArgumentParser:
     return script_parser(
         (ModelArguments, DataTrainingArguments, loralib.AdapterConfig, RunArguments, BiDoRATrainingArguments),
@@ -174,15 +164,9 @@ def parse_args(argv: list[str] | None = None):
     groups, method = parse_groups(parser, argv, ("ft",))
     model_args, data_args, adapter_config, run_args, args = groups
     run_args.method = method
-    problem = (
-        "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
-        if method == "bidora" and args.upper_fraction == 0 else
-        "--heldout_fraction is for ft, lora and dora; BiDoRA holds out --upper_fraction (its upper split)"
-        if method == "bidora" and args.heldout_fraction is not None else
+    problem = shared_problem(method, args) or (
         "--do_train false: this script trains one run (evaluate a saved adapter with loralib.load_adapters)"
-        if not args.do_train else
-        "--resume_from_checkpoint: run the same command again; it resumes from output_dir by itself"
-        if args.resume_from_checkpoint else None
+        if not args.do_train else None
     )
     if problem:
         parser.error(problem)

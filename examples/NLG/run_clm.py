@@ -61,6 +61,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from run_common import (  # noqa: E402
     HUB_SPLITS,
+    RunArguments,
     RunError,
     check_model_folder,
     check_output_dir,
@@ -73,6 +74,7 @@ from run_common import (  # noqa: E402
     parse_groups,
     script_parser,
     selection_split,
+    shared_problem,
     start_runtime,
     train_and_select,
 )
@@ -209,18 +211,6 @@ class GenerationArguments:
                              f"pip install {' '.join(e2e_metrics.missing_packages())}")
 
 
-@dataclass
-class RunArguments:
-    """This runner's own options (the adapter's are ``loralib.AdapterConfig``'s, the training ones the Trainer's)."""
-
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoint folders of a finished run "
-                                   "(they are for resuming; the reported adapter is in adapter/)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir "
-                                       "(and do not resume an unfinished one)."})
-    # --method is AdapterConfig's option with ft added by make_parser; parse_args copies its value here.
-    method: str = field(default="bidora", init=False)
-
-
 def make_parser() -> HfArgumentParser:
     return script_parser(
         (ModelArguments, DataTrainingArguments, GenerationArguments, loralib.AdapterConfig, RunArguments,
@@ -243,19 +233,13 @@ def parse_args(argv: list[str] | None = None):
     model_args, data_args, gen_args, adapter_config, run_args, args = groups
     run_args.method = method
     metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
-    problem = (
-        "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
-        if method == "bidora" and args.upper_fraction == 0 else
-        "--heldout_fraction is for ft, lora and dora; BiDoRA holds out --upper_fraction (its upper split)"
-        if method == "bidora" and args.heldout_fraction is not None else
+    problem = shared_problem(method, args) or (
         "--method ft trains the base weights: keep --base_dtype float32 (use --bf16 for mixed precision)"
         if method == "ft" and model_args.base_dtype != "float32" else
         f"--metric_for_best_model {args.metric_for_best_model}: this script selects on a loss only (heldout_loss, "
         "validation_loss)" if not metric.endswith("loss") else
         "--do_train false: this script trains one run (--method base evaluates the pretrained model)"
-        if not args.do_train else
-        "--resume_from_checkpoint: run the same command again; it resumes from output_dir by itself"
-        if args.resume_from_checkpoint else None
+        if not args.do_train else None
     )
     if problem:
         parser.error(problem)

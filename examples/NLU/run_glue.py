@@ -51,8 +51,10 @@ from run_common import (  # noqa: E402
     position_limit,
     save_adapter,
     script_parser,
+    shared_problem,
     start_runtime,
 )
+from run_common import RunArguments as SharedRunArguments  # noqa: E402
 from transformers import DataCollatorWithPadding, HfArgumentParser, set_seed  # noqa: E402
 from transformers.training_args import IntervalStrategy  # noqa: E402
 
@@ -123,8 +125,8 @@ class DataTrainingArguments:
 
 
 @dataclass
-class RunArguments:
-    """This runner's own options (the adapter's are ``loralib.AdapterConfig``'s, the training ones the Trainer's)."""
+class RunArguments(SharedRunArguments):
+    """This runner's own options: the shared ones and BiDoRA's retraining phase, the snapshots, dev selection."""
 
     retrain_max_steps: int = field(default=0, metadata={"help": "BiDoRA's retraining phase: steps on all of train "
                                    "with the searched magnitudes frozen (0: none)."})
@@ -142,12 +144,6 @@ class RunArguments:
                                 "time (the original code; optimistic) instead of selecting on held-out train data."})
     snapshots: int = field(default=4, metadata={"help": "Evenly spaced weight snapshots for "
                            "utils/weight_decomposition.py (0: none)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoint folders of a finished run "
-                                   "(they are for resuming; the reported adapter is in adapter/)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished or unfinished run in "
-                                       "output_dir instead of refusing it / resuming it."})
-    # --method is AdapterConfig's option, with ft added by make_parser; parse_args copies its value here.
-    method: str = field(default="bidora", init=False)
 
     def __post_init__(self) -> None:
         for name, ok in [("snapshots", self.snapshots >= 0), ("retrain_max_steps", self.retrain_max_steps >= 0)]:
@@ -182,19 +178,13 @@ def parse_args(argv: list[str] | None = None):
     groups, method = parse_groups(parser, argv, ("ft",), rh.RENAMED)  # ft: no adapter; its options are still checked
     model_args, data_args, adapter_config, run_args, args = groups
     run_args.method = method
-    problem = (
+    problem = shared_problem(method, args) or (
         "--retrain_max_steps is BiDoRA's retraining phase; use 0 for ft, lora and dora"
         if run_args.retrain_max_steps and method != "bidora" else
-        "--method bidora needs --upper_fraction > 0 (its magnitudes train on that held-out split)"
-        if method == "bidora" and args.upper_fraction == 0 else
-        "--heldout_fraction is for ft, lora and dora; BiDoRA holds out --upper_fraction (its upper split)"
-        if method == "bidora" and args.heldout_fraction is not None else
         "--do_train false: this script trains one run (evaluate a saved adapter with loralib.load_adapters)"
         if not args.do_train else
         "--load_best_model_at_end: run_glue selects the reported model itself (held-out, or --select_on_dev)"
         if args.load_best_model_at_end else
-        "--resume_from_checkpoint: run the same command again; it resumes from output_dir by itself"
-        if args.resume_from_checkpoint else
         "--select_on_dev needs --do_eval" if run_args.select_on_dev and not args.do_eval else
         "--gradient_accumulation_steps > 1 is not supported for bidora (one upper step per lower batch)"
         if method == "bidora" and args.gradient_accumulation_steps > 1 else None
