@@ -6,7 +6,7 @@
 # split by film (nlg_data.py: train 2000 / validation 200 / test 400 snippets). Reports held-out, validation and
 # test loss / perplexity on the snippet tokens and 8 greedy generations per run. No hub access needed.
 #
-#   bash examples/NLG/smollm2_offline.sh                          # 3 methods x 3 seeds + base, ~3 h on 2 cores
+#   bash examples/NLG/smollm2_offline.sh                          # 3 methods x 3 seeds + base, ~3.5-4 h on 2 cores
 #   SEEDS=0 METHODS="base lora" MAX_STEPS=2 JOBS=1 bash examples/NLG/smollm2_offline.sh --max_eval_samples 16 \
 #       --max_predict_samples 16 --eval_steps 2 --save_steps 2 --num_generations 1   # a smoke run (~10 minutes)
 #
@@ -21,6 +21,9 @@
 # and the generations. 3 seeds x (200 x (5.5 + 6 + 18.2) s + 3 x 440 s) = ~21,800 CPU seconds, plus ~300 s for the
 # one base evaluation: ~3.1 h with JOBS=2 runs side by side at one thread each (the default; the three BiDoRA runs
 # start first so that the two slots finish together). One run at a time on two threads: roughly 3.5-4 h.
+# MEASURED (the committed grid, one thread per run, the machine shared with another grid): training alone took
+# LoRA 29-33 min, DoRA 19-40 min, BiDoRA 47-106 min per run, 6.6 h of one thread for the 9 runs; with evaluations
+# and generations about 7.5 h of one thread, so ~3.8 h at JOBS=2.
 #
 # PRECISION: float32 base by default. A bf16 base with float32 adapters (BASE_DTYPE=bfloat16, or auto: bf16 exactly
 # when a bf16 matmul is at least 1.5x faster than float32 here) is 2.2x faster per LoRA step and 1.8x per BiDoRA step
