@@ -190,9 +190,10 @@ def vader_sdist(cache_dir: str | os.PathLike | None = None, download: bool = Tru
 
 def _installed(import_name: str) -> bool:
     try:
-        return importlib.util.find_spec(import_name) is not None
-    except (ImportError, ValueError):
+        package_dir(import_name)
+    except MissingOfflinePackage:
         return False
+    return True
 
 
 def install_missing(names: Sequence[str] | None = None) -> None:

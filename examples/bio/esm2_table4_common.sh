@@ -62,7 +62,7 @@ esm2_table4_main() {
   echo "output: $out" >&2
 
   local grid=(--out "$out" --methods "$methods" --seeds "$seeds" --protocol held-out --steps "$ITERATIONS"
-                      --retrain-steps "$RETRAIN_ITERATIONS" --ft-lr "$ft_lr" "${GRID_FLAGS[@]}")
+              --retrain-steps "$RETRAIN_ITERATIONS" --ft-lr "$ft_lr" "${GRID_FLAGS[@]}")
   local vfile=()
   [[ -n "$val" ]] && vfile=(--validation_file "$val")
   # Every method trains on the lower 80% of train and is selected on the held-out 20%; BiDoRA then retrains a fresh

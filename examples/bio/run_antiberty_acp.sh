@@ -60,7 +60,8 @@ mkdir -p "$OUT"
 # model, like BiDoRA with retraining: same data, same number of direction steps, nothing selected on test
 # (examples/grid.py, protocol all-of-train). A finished run is skipped unless OVERWRITE=1; an unfinished one resumes.
 grid=(--out "$OUT" --methods "$METHODS" --seeds "$SEEDS" --protocol all-of-train --steps "$ITERATIONS"
-      --search-steps "$BIDORA_SEARCH_ITERATIONS" --retrain-steps "$BIDORA_RETRAIN_ITERATIONS" --ft-lr "$FT_LR" "${GRID_FLAGS[@]}")
+      --search-steps "$BIDORA_SEARCH_ITERATIONS" --retrain-steps "$BIDORA_RETRAIN_ITERATIONS" --ft-lr "$FT_LR"
+      "${GRID_FLAGS[@]}")
 "${PY[@]}" examples/grid.py examples/NLU/run_glue.py "${grid[@]}" --python "${PY[*]}" -- --config "$CONFIG" \
   --model_name_or_path "$OUT/model" --train_file "$OUT/data/train.csv" --test_file "$OUT/data/test.csv" \
   --eval_steps "$EVAL_EVERY" "$@"
